@@ -1,0 +1,12 @@
+"""kmgpu: K-means color quantization of images and image datasets, on the GPU."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .kmeans import KMeans, KMeansResult, KMeansWarning, kmeans
+
+try:
+    __version__ = version("kmgpu")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["KMeans", "KMeansResult", "KMeansWarning", "kmeans", "__version__"]

@@ -1,0 +1,297 @@
+import importlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.cluster import KMeans as SKKMeans
+from sklearn.datasets import make_blobs
+
+from kmgpu import KMeans, KMeansWarning, kmeans
+from kmgpu.kmeans import NotFittedError, assign
+from kmgpu.quantize import color_histogram
+
+from .conftest import needs_cuda, sample_pixels
+
+# the module, not the function of the same name that kmgpu exports
+km = importlib.import_module("kmgpu.kmeans")
+
+
+# ---------------------------------------------------------------- exact fixtures
+def test_hand_computed_two_clusters():
+    x = torch.tensor([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0]])
+    r = kmeans(x, 2, init=torch.tensor([[1.0, 1.0], [9.0, 1.0]]), device="cpu")
+    assert torch.equal(r.centers, torch.tensor([[0.0, 1.0], [10.0, 1.0]]))
+    assert r.labels.tolist() == [0, 0, 1, 1]
+    assert float(r.inertia) == 4.0
+    assert bool(r.converged)
+
+
+def test_hand_computed_weighted_1d():
+    # centers {0.75, 10}: inertia 1 * 0.75^2 + 3 * 0.25^2 + 2 * 0 = 0.75
+    r = kmeans(torch.tensor([[0.0], [1.0], [10.0]]), 2, torch.tensor([1.0, 3.0, 2.0]), seed=0, device="cpu")
+    order = r.centers[:, 0].argsort()
+    assert r.centers[order, 0].tolist() == [0.75, 10.0]
+    assert float(r.inertia) == pytest.approx(0.75, abs=1e-6)
+    assert r.labels[0] == r.labels[1] != r.labels[2]
+
+
+# ---------------------------------------------------------------- properties
+def test_inertia_never_rises_on_photo(coffee_small):
+    r = kmeans(coffee_small, 32, seed=1, device="cpu")
+    inertias = [float(h.inertia) for h in r.history] + [float(r.inertia)]
+    assert len(inertias) > 3
+    for before, after in zip(inertias, inertias[1:]):
+        assert after <= before * (1 + 1e-6)
+
+
+def test_batched_equals_one_by_one():
+    gen = np.random.default_rng(0)
+    sizes, ks = [500, 1200, 80], [5, 12, 3]
+    problems = [gen.normal(size=(n, 3)).astype(np.float32) * 40 + 100 for n in sizes]
+    inits = [p[gen.choice(len(p), k, replace=False)] for p, k in zip(problems, ks)]
+    n_max, k_max = max(sizes), max(ks)
+    x = np.zeros((3, n_max, 3), np.float32)
+    w = np.zeros((3, n_max), np.float32)
+    c0 = np.zeros((3, k_max, 3), np.float32)
+    for b, (p, c) in enumerate(zip(problems, inits)):
+        x[b, : len(p)] = p
+        w[b, : len(p)] = 1
+        c0[b, : len(c)] = c
+    batched = kmeans(x, ks, w, init=c0, device="cpu")
+    for b, (p, c, k) in enumerate(zip(problems, inits, ks)):
+        alone = kmeans(p, k, init=c, device="cpu")
+        n = len(p)
+        assert torch.equal(batched.labels[b, :n], alone.labels)
+        torch.testing.assert_close(batched.centers[b, :k], alone.centers, rtol=1e-5, atol=1e-4)
+        assert torch.all(batched.centers[b, k:] == 0)
+        assert int(batched.n_iter[b]) == int(alone.n_iter)
+        assert float(batched.inertia[b]) == pytest.approx(float(alone.inertia), rel=1e-5)
+
+
+def test_each_problem_converges_on_its_own():
+    easy = np.repeat(np.array([[0.0, 0.0], [50.0, 50.0]]), 100, axis=0)
+    hard = np.random.default_rng(3).uniform(0, 100, size=(200, 2))
+    r = kmeans(np.stack([easy, hard]).astype(np.float32), [2, 8], seed=0, device="cpu", tol=0)
+    assert int(r.n_iter[0]) < int(r.n_iter[1])
+    assert r.history[0].active == 2 and r.history[-1].active == 1
+    assert torch.isnan(r.history[-1].inertia[0])  # problem 0 no longer iterated
+    assert bool(r.converged.all())
+
+
+def test_histogram_equals_all_pixels(coffee_small):
+    pixels = torch.from_numpy(coffee_small)
+    hist = color_histogram(pixels)
+    assert int(hist.counts.sum()) == pixels.shape[0]
+    init = hist.colors[torch.randperm(hist.colors.shape[0], generator=torch.Generator().manual_seed(0))[:24]]
+    full = kmeans(pixels, 24, init=init.float(), device="cpu")
+    compact = kmeans(hist.colors, 24, hist.counts, init=init.float(), device="cpu")
+    torch.testing.assert_close(full.centers, compact.centers, rtol=1e-4, atol=1e-3)
+    assert float(compact.inertia) == pytest.approx(float(full.inertia), rel=1e-5)
+    assert torch.equal(compact.labels[hist.inverse], full.labels)
+
+
+def test_small_blocks_give_the_same_fit(coffee_small):
+    big = kmeans(coffee_small, 16, seed=4, device="cpu")
+    small = kmeans(coffee_small, 16, seed=4, device="cpu", chunk_bytes=4096)
+    torch.testing.assert_close(big.centers, small.centers, rtol=1e-5, atol=1e-3)
+    assert float(small.inertia) == pytest.approx(float(big.inertia), rel=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(10, 120),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_one_more_cluster_never_fits_worse(n, k, seed):
+    x = np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
+    k = min(k, n - 1)
+    fit_k = kmeans(x, k, seed=seed, device="cpu")
+    # Start k + 1 from the k centers plus the worst-fitted point: Lloyd can only improve on it.
+    _, dist = assign(torch.from_numpy(x), fit_k.centers)
+    init = torch.cat([fit_k.centers, torch.from_numpy(x)[dist.argmax()][None]])
+    fit_k1 = kmeans(x, k + 1, init=init, device="cpu")
+    assert float(fit_k1.inertia) <= float(fit_k.inertia) * (1 + 1e-5) + 1e-4
+
+
+# ---------------------------------------------------------------- references
+def test_inertia_near_sklearn_on_photo_pixels():
+    pixels = sample_pixels("astronaut.png", step=2).astype(np.float32)
+    ours = KMeans(16, n_init=3, seed=0, device="cpu").fit(pixels)
+    ref = SKKMeans(16, n_init=3, random_state=0).fit(pixels)
+    assert ours.inertia_ <= ref.inertia_ * 1.01
+
+
+def test_inertia_near_sklearn_on_blobs():
+    x, _ = make_blobs(n_samples=5000, centers=10, n_features=5, cluster_std=2.0, random_state=0)
+    x = x.astype(np.float32)
+    ours = KMeans(10, n_init=1, seed=0, device="cpu").fit(x)
+    ref = SKKMeans(10, n_init=1, random_state=0).fit(x)
+    assert ours.inertia_ <= ref.inertia_ * 1.01
+    # sklearn's inertia is the same objective: recompute it from our centers.
+    d = ((x[:, None, :] - ours.cluster_centers_[None]) ** 2).sum(-1).min(1).sum()
+    assert ours.inertia_ == pytest.approx(d, rel=1e-4)
+
+
+# ---------------------------------------------------------------- degenerate input
+def test_fewer_distinct_points_than_k_warns_and_stays_valid():
+    x = np.array([[1.0, 1.0]] * 5 + [[4.0, 4.0]] * 5 + [[9.0, 0.0]] * 2, np.float32)
+    with pytest.warns(KMeansWarning, match="only 3 distinct points for n_clusters=5"):
+        r = kmeans(x, 5, seed=0, device="cpu")
+    assert torch.isfinite(r.centers).all()
+    assert float(r.inertia) == 0.0
+    # every point sits on its own center, and the 3 distinct points are all centers
+    torch.testing.assert_close(r.centers[r.labels], torch.from_numpy(x))
+    assert {tuple(c) for c in r.centers.tolist()} == {(1.0, 1.0), (4.0, 4.0), (9.0, 0.0)}
+
+
+def test_all_points_equal():
+    x = np.full((50, 3), 7.0, np.float32)
+    with pytest.warns(KMeansWarning):
+        r = kmeans(x, 4, seed=0, device="cpu")
+    assert torch.all(r.centers == 7.0)
+    assert float(r.inertia) == 0.0
+    assert torch.all(r.labels == 0)
+
+
+def test_single_point():
+    r = kmeans(np.array([[3.0, -1.0]]), 1, device="cpu")
+    assert r.centers.tolist() == [[3.0, -1.0]] and r.labels.tolist() == [0] and float(r.inertia) == 0.0
+
+
+@pytest.mark.parametrize(
+    "points, k, kwargs, message",
+    [
+        (np.array([[0.0, np.nan], [1.0, 1.0]]), 1, {}, r"NaN or inf \(first at index \(0, 0, 1\)\)"),
+        (np.array([[0.0, np.inf], [1.0, 1.0]]), 1, {}, "NaN or inf"),
+        (np.zeros((4, 2)), 0, {}, "n_clusters=0 is out of range"),
+        (np.zeros((4, 2)), 5, {}, "n_clusters=5 exceeds the 4 points"),
+        (np.zeros(4), 1, {}, r"shape \(N, d\) or \(B, N, d\), got shape \(4,\)"),
+        (np.zeros((4, 2)), 2, {"weights": -np.ones(4)}, "weights must be >= 0"),
+        (np.zeros((4, 2)), 2, {"weights": np.ones(3)}, "weights must have shape"),
+        (np.zeros((4, 2)), 2, {"init": "kmeans||"}, "init='kmeans\\|\\|' is not an initialisation"),
+        (np.zeros((4, 2)), 2, {"init": np.zeros((1, 2))}, "init centers must have shape"),
+        (np.zeros((4, 2)), 2, {"device": "gpu"}, "device='gpu' is not a device"),
+        (np.zeros((4, 2)), 2, {"max_iter": 0}, "max_iter=0"),
+    ],
+)
+def test_bad_input_names_the_value(points, k, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kmeans(points, k, **kwargs)
+
+
+def test_padding_never_counts_toward_k():
+    x = np.zeros((1, 6, 2), np.float32)
+    x[0, :2] = [[1, 1], [2, 2]]
+    w = np.array([[1, 1, 0, 0, 0, 0]], np.float32)
+    with pytest.raises(ValueError, match="exceeds the 2 points with positive weight of problem 0"):
+        kmeans(x, 3, w)
+
+
+# ---------------------------------------------------------------- empty clusters
+def test_empty_clusters_are_repaired():
+    x = np.random.default_rng(0).uniform(0, 255, size=(2000, 3)).astype(np.float32)
+    init = np.repeat(x[:1], 8, axis=0)  # 8 identical centers: 7 start empty
+    r = kmeans(x, 8, init=init, device="cpu")
+    assert r.history[0].empty_repaired == 7
+    assert torch.isfinite(r.centers).all()
+    assert len({tuple(c) for c in r.centers.tolist()}) == 8
+    assert torch.bincount(r.labels, minlength=8).min() > 0
+
+
+def test_random_init_uses_every_cluster():
+    pixels = sample_pixels("camera.png", step=4)
+    r = kmeans(pixels, 64, init="random", seed=0, device="cpu")
+    assert torch.bincount(r.labels, minlength=64).min() > 0
+
+
+# ---------------------------------------------------------------- determinism
+def test_same_seed_same_bits(coffee_small):
+    a = kmeans(coffee_small, 32, seed=7, device="cpu")
+    b = kmeans(coffee_small, 32, seed=7, device="cpu")
+    assert torch.equal(a.centers, b.centers) and torch.equal(a.labels, b.labels)
+    c = kmeans(coffee_small, 32, seed=8, device="cpu")
+    assert not torch.equal(a.centers, c.centers)
+
+
+def test_n_init_keeps_the_best_run(coffee_small):
+    runs = [float(kmeans(coffee_small, 8, seed=s, device="cpu", init="random").inertia) for s in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    best = kmeans(coffee_small, 8, generator=gen, n_init=5, device="cpu", init="random")
+    assert float(best.inertia) <= max(runs)
+    _, dist = assign(torch.from_numpy(coffee_small), best.centers)
+    assert float(dist.double().sum()) == pytest.approx(float(best.inertia), rel=1e-5)
+
+
+# ---------------------------------------------------------------- memory: OOM retry
+def test_out_of_memory_retries_with_smaller_blocks(monkeypatch, coffee_small):
+    real_run = km._Assigner.run
+    budgets = []
+
+    def flaky(self, *args, **kwargs):
+        budgets.append(self.budget)
+        if len(budgets) == 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(km._Assigner, "run", flaky)
+    r = kmeans(coffee_small, 8, seed=0, device="cpu", chunk_bytes=2**22)
+    assert budgets[:2] == [2**22, 2**21]
+    assert torch.isfinite(r.centers).all()
+
+
+# ---------------------------------------------------------------- estimator
+def test_estimator_contract(coffee_small):
+    x = coffee_small.astype(np.float32)
+    model = KMeans(12, seed=0, device="cpu")
+    with pytest.raises(NotFittedError, match="not fitted"):
+        model.predict(x)
+    labels = model.fit_predict(x)
+    assert isinstance(labels, np.ndarray) and labels.shape == (len(x),)
+    assert model.cluster_centers_.shape == (12, 3) and model.n_iter_ >= 1
+    np.testing.assert_array_equal(model.predict(x), model.labels_)
+    dist = model.transform(x[:100])
+    ref = np.sqrt(((x[:100, None, :] - model.cluster_centers_[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(dist, ref, rtol=1e-4, atol=1e-3)
+    assert model.score(x) == pytest.approx(-model.inertia_, rel=1e-5)
+    t = model.predict(torch.from_numpy(x[:10]))
+    assert isinstance(t, torch.Tensor) and t.tolist() == model.labels_[:10].tolist()
+    with pytest.raises(ValueError, match="X has 2 features, but KMeans was fitted with 3"):
+        model.predict(x[:, :2])
+
+
+# ---------------------------------------------------------------- CUDA
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_matches_cpu(coffee_small):
+    init = coffee_small[:: len(coffee_small) // 32][:32].astype(np.float32)
+    cpu = kmeans(coffee_small, 32, init=init, device="cpu")
+    gpu = kmeans(coffee_small, 32, init=init, device="cuda")
+    torch.testing.assert_close(gpu.centers.cpu(), cpu.centers, rtol=1e-4, atol=1e-2)
+    assert float(gpu.inertia) == pytest.approx(float(cpu.inertia), rel=1e-4)
+    assert (gpu.labels.cpu() == cpu.labels).float().mean() > 0.999
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_same_seed_same_bits(coffee_small):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KMeansWarning)
+        a = kmeans(coffee_small, 64, seed=3, device="cuda")
+        b = kmeans(coffee_small, 64, seed=3, device="cuda")
+    assert torch.equal(a.centers, b.centers) and torch.equal(a.labels, b.labels)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_batched_ragged(coffee_small):
+    x = torch.from_numpy(coffee_small).float()
+    batch = torch.stack([x, x.flip(0)])
+    w = torch.ones(2, len(x))
+    w[1, len(x) // 2 :] = 0
+    r = kmeans(batch, [16, 4], w, seed=0, device="cuda")
+    assert r.centers.device.type == "cuda" and torch.isfinite(r.centers).all()
+    assert int(r.labels[1, : len(x) // 2].max()) < 4
