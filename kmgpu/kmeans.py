@@ -342,10 +342,12 @@ def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None):
     else:
         slot_ok = slots < torch.as_tensor(n_clusters, device=x.device).reshape(-1, 1)
     budget = chunk_bytes or chunk_budget_bytes(x.device)
-    # Shift to the points' origin-centred frame: smaller norms, fewer rounding errors.
-    shift = x.mean(dim=(0, 1), keepdim=True)
-    asg = _Assigner(x - shift, torch.ones(x.shape[:2], device=x.device), budget)
-    labels, dist, _, _ = _run_with_oom_retry(asg, c - shift, slot_ok, sums=False)
+    # No shift of origin here: for integer data of small range (uint8 colors
+    # and a uint8 palette) every term of ||c||^2 - 2x.c is an integer below
+    # 2**24, so the distances are exact in float32, ties are true ties, and
+    # the first nearest center wins whatever the batch or the block size.
+    asg = _Assigner(x, torch.ones(x.shape[:2], device=x.device), budget)
+    labels, dist, _, _ = _run_with_oom_retry(asg, c, slot_ok, sums=False)
     return (labels[0], dist[0]) if single else (labels, dist)
 
 
@@ -367,22 +369,53 @@ def _run_with_oom_retry(asg: _Assigner, centers, slot_ok, *, sums: bool, previou
 # --------------------------------------------------------------------------
 
 
-def _weighted_draw(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """Draw ``n`` indices per row with replacement, proportional to ``probs`` (B, N).
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(z: int) -> int:
+    """One step of splitmix64 (Steele, Lea & Flood): a well-mixed 64-bit hash."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class _Streams:
+    """Random streams per problem, so that no problem's draws depend on its batch.
+
+    Each problem has its own CPU ``torch.Generator`` for each use (a tag: the
+    init sample, k-means++, random init, and the run number of ``n_init``),
+    seeded from the run's seed, the problem's key and the tag. A problem
+    draws the same numbers whatever else is in its batch and on any device,
+    so it starts from the same centers fitted alone, in a batch, in another
+    batch after a pipeline resumes, or on CUDA instead of the CPU.
+    """
+
+    def __init__(self, base_seed: int, keys: torch.Tensor, device: torch.device):
+        self.device = device
+        self.base = _splitmix64(base_seed & _MASK64)
+        self.keys = [int(key) & _MASK64 for key in keys.tolist()]
+
+    def uniform(self, n: int, tag: int) -> torch.Tensor:
+        """(B, n) float64 uniforms on [0, 1), the first n of each problem's stream ``tag``."""
+        rows = []
+        for key in self.keys:
+            g = torch.Generator()
+            g.manual_seed(_splitmix64(_splitmix64(self.base ^ key) ^ tag) >> 1)
+            rows.append(torch.rand(n, generator=g, dtype=torch.float64))
+        return torch.stack(rows).to(self.device)
+
+
+def _weighted_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Indices (B, n) drawn with replacement proportional to ``probs`` (B, N), from uniforms ``u`` (B, n).
 
     A cumulative sum and a binary search, as scikit-learn's k-means++ does;
-    unlike ``torch.multinomial`` it has no 2**24 limit on N. Rows whose
-    probabilities are all zero draw uniformly among the whole row.
+    unlike ``torch.multinomial`` it has no 2**24 limit on N. Every row must
+    have some positive probability.
     """
     cum = probs.double().cumsum(1)
-    total = cum[:, -1:]
-    u = torch.rand(probs.shape[0], n, generator=gen, device=gen.device, dtype=torch.float64)
-    idx = torch.searchsorted(cum, u * total, right=True).clamp_max_(probs.shape[1] - 1)
-    dead = (total <= 0).squeeze(1)
-    if bool(dead.any()):
-        uniform = torch.randint(probs.shape[1], (probs.shape[0], n), generator=gen, device=gen.device)
-        idx = torch.where(dead.unsqueeze(1), uniform, idx)
-    return idx
+    idx = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+    return idx.clamp_max_(probs.shape[1] - 1)
 
 
 def _gather_points(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -404,37 +437,52 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None)
     return dot.mul_(-2.0).add_(x_sq.unsqueeze(-1)).add_(c_sq.unsqueeze(1)).clamp_min_(0.0)
 
 
-def _init_sample(x, w, size: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``size`` points per problem proportional to weight, as unit-weight points."""
-    idx = _weighted_draw(w, size, gen)
-    return _gather_points(x, idx), torch.ones(idx.shape, device=x.device)
+def _init_sample(x, w, size: int, streams: _Streams, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``size`` points per problem for the initialisation.
+
+    A problem whose points with positive weight all lie among its first
+    ``size`` keeps them with their weights; a larger one gets ``size`` points
+    drawn by weight, as unit-weight points. What a problem gets does not
+    depend on how far its batch is padded.
+    """
+    if x.shape[1] <= size:
+        return x, w
+    x_head, w_head = x[:, :size], w[:, :size]
+    whole = ((w_head > 0).sum(1) == (w > 0).sum(1)).view(-1, 1)
+    drawn = _gather_points(x, _weighted_draw(w, streams.uniform(size, tag)))
+    return torch.where(whole.unsqueeze(-1), x_head, drawn), torch.where(whole, w_head, torch.ones_like(w_head))
 
 
-def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, gen, n_trials: int | None = None):
+def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: int):
     """Greedy k-means++ (Arthur & Vassilvitskii; scikit-learn's variant), batched.
 
-    Each step draws ``2 + floor(ln k)`` candidates proportional to the weighted
-    squared distance to the centers chosen so far and keeps the one that lowers
-    the potential most.
+    Each step draws ``2 + floor(ln k_max)`` candidates proportional to the
+    weighted squared distance to the centers chosen so far and keeps the one
+    that lowers the potential most. All the uniforms a problem needs are drawn
+    up front from its own stream, in one call per problem.
     """
     B, N, d = x.shape
-    if n_trials is None:
-        n_trials = 2 + int(math.log(k_max))
+    n_trials = 2 + int(math.log(k_max))
+    u = streams.uniform(1 + (k_max - 1) * n_trials, tag)
     centers = torch.zeros(B, k_max, d, device=x.device)
-    first = _weighted_draw(w, 1, gen)
+    first = _weighted_draw(w, u[:, :1])
     centers[:, 0] = _gather_points(x, first)[:, 0]
     x_sq = (x * x).sum(-1)
     closest = _sq_dist(x, centers[:, :1], x_sq).squeeze(-1)
     # Candidate distance blocks (b, N, trials) stay under 16 MiB.
     rows_per_block = max(1, (16 * 2**20) // (4 * n_trials * N))
     for c in range(1, k_max):
-        cand = _weighted_draw(w * closest, n_trials, gen)
+        probs = w * closest
+        # Once every point sits on a center (fewer distinct points than k), draw by weight alone.
+        probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, w)
+        cand = _weighted_draw(probs, u[:, 1 + (c - 1) * n_trials : 1 + c * n_trials])
         cand_x = _gather_points(x, cand)
         best_closest = torch.empty_like(closest)
         for b0 in range(0, B, rows_per_block):
             sl = slice(b0, b0 + rows_per_block)
             trial = torch.minimum(closest[sl].unsqueeze(-1), _sq_dist(x[sl], cand_x[sl], x_sq[sl]))
-            pot = (trial * w[sl].unsqueeze(-1)).sum(1)
+            # float64, so that padding (more zeros to sum) cannot change the choice
+            pot = (trial.double() * w[sl].double().unsqueeze(-1)).sum(1)
             best = pot.argmin(1)
             best_closest[sl] = trial.gather(2, best.view(-1, 1, 1).expand(-1, N, 1)).squeeze(-1)
             centers[sl, c] = cand_x[sl].gather(1, best.view(-1, 1, 1).expand(-1, 1, d)).squeeze(1)
@@ -443,15 +491,15 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, gen, n_trials: int | Non
     return centers
 
 
-def _random_init(x, w, k_max: int, gen):
+def _random_init(x, w, k_max: int, streams: _Streams, tag: int):
     """k distinct points per problem, drawn without replacement proportional to weight.
 
     The Gumbel top-k trick: distinct points, so no cluster starts empty for
     want of a point (the field notes saw 223 of 256 colors used by a library
     that drew with replacement).
     """
-    u = torch.rand(w.shape, generator=gen, device=gen.device).clamp_min_(1e-20)
-    keys = torch.log(w) - torch.log(-torch.log(u))
+    u = streams.uniform(w.shape[1], tag).clamp_min_(1e-300)
+    keys = torch.log(w.double()) - torch.log(-torch.log(u))
     idx = keys.topk(k_max, dim=1).indices
     return _gather_points(x, idx)
 
@@ -558,6 +606,7 @@ def kmeans(
     tol: float = 1e-4,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    problem_keys=None,
     device: str | torch.device | None = None,
     init_size: int | None = None,
     chunk_bytes: int | None = None,
@@ -587,10 +636,15 @@ def kmeans(
         iteration is at most ``tol`` times the mean per-dimension (weighted)
         variance of its points, scikit-learn's convention.
     seed : int, optional
-        Seed of the generator of the initialisation; with the same seed,
-        device and input, the result is the same bit for bit.
+        Seed of the initialisation; with the same seed, device and input,
+        the result is the same bit for bit. Default: a fresh random seed.
     generator : torch.Generator, optional
-        Used instead of ``seed``; must live on the device.
+        Draws the seed when ``seed`` is None.
+    problem_keys : sequence or Tensor of shape (B,) of int, optional
+        A key per problem (an image's id, say). Each problem draws its random
+        numbers from its own stream, seeded by ``seed`` and its key, so its
+        initialisation does not depend on the rest of the batch. Default:
+        the problem's position in the batch.
     device : "auto", "cpu", "cuda", "cuda:N" or torch.device, optional
         Where to compute. Default: the device of ``points`` if it is a
         tensor, else ``"auto"``.
@@ -647,16 +701,21 @@ def kmeans(
     elif init not in ("k-means++", "random"):
         raise ValueError(f"init={init!r} is not an initialisation: use 'k-means++', 'random' or an array of centers")
 
-    if generator is None:
-        generator = torch.Generator(device=dev)
-        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    keys = torch.arange(B) if problem_keys is None else _as_tensor(problem_keys, "problem_keys").reshape(-1)
+    if keys.numel() != B:
+        raise ValueError(f"problem_keys holds {keys.numel()} keys for {B} problems")
+    streams = _Streams(int(seed), keys.to(torch.int64), dev)
 
     # Work in a frame centred on each problem's weighted mean: smaller norms,
-    # smaller rounding errors in ||x||^2 - 2x.c + ||c||^2.
-    w_sum = w.sum(1, keepdim=True)
-    origin = (x * w.unsqueeze(-1)).sum(1, keepdim=True) / w_sum.unsqueeze(-1)
+    # smaller rounding errors in ||x||^2 - 2x.c + ||c||^2. Means and
+    # variances are summed in float64, so padding does not change them.
+    wd = w.double()
+    w_sum = wd.sum(1, keepdim=True)
+    origin = ((x.double() * wd.unsqueeze(-1)).sum(1, keepdim=True) / w_sum.unsqueeze(-1)).float()
     xc = x - origin
-    variance = ((xc * xc) * w.unsqueeze(-1)).sum(1).double() / w_sum.double()
+    variance = (xc.double().square() * wd.unsqueeze(-1)).sum(1) / w_sum
     tol_abs = variance.mean(1) * tol
 
     budget = chunk_bytes or chunk_budget_bytes(dev)
@@ -664,18 +723,16 @@ def kmeans(
     size = init_size or max(20000, 20 * k_max)
 
     best = None
-    for _run in range(int(n_init)):
+    for run_index in range(int(n_init)):
         if given is not None:
             centers = given - origin
         else:
-            if N > size:
-                xs, ws = _init_sample(xc, w, size, generator)
-            else:
-                xs, ws = xc, w
+            tag = 4 * run_index
+            xs, ws = _init_sample(xc, w, size, streams, tag)
             if init == "k-means++":
-                centers = _kmeans_plusplus(xs, ws, k, k_max, generator)
+                centers = _kmeans_plusplus(xs, ws, k, k_max, streams, tag + 1)
             else:
-                centers = _random_init(xs, ws, k_max, generator)
+                centers = _random_init(xs, ws, k_max, streams, tag + 2)
         centers = torch.where(slot_ok.unsqueeze(-1), centers, torch.zeros_like(centers)).contiguous()
         centers, n_iter, converged, history, last = _lloyd(asg, centers, slot_ok, tol_abs, int(max_iter))
         labels, min_dist, _, sum_w = _run_with_oom_retry(asg, centers, slot_ok, sums=True, previous=last)

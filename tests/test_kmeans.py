@@ -71,6 +71,25 @@ def test_batched_equals_one_by_one():
         assert float(batched.inertia[b]) == pytest.approx(float(alone.inertia), rel=1e-5)
 
 
+def test_kmeanspp_in_a_batch_equals_alone():
+    """Each problem draws from its own stream: a batch (or a resumed pipeline) changes nothing."""
+    gen = np.random.default_rng(1)
+    problems = [gen.uniform(0, 255, size=(n, 3)).astype(np.float32) for n in (3000, 700, 25000)]
+    n_max = max(len(p) for p in problems)
+    x = np.zeros((3, n_max, 3), np.float32)
+    w = np.zeros((3, n_max), np.float32)
+    for b, p in enumerate(problems):
+        x[b, : len(p)], w[b, : len(p)] = p, 1
+    keys = [101, 202, 303]
+    batched = kmeans(x, 16, w, seed=5, problem_keys=keys, init_size=20000, device="cpu")
+    for b, p in enumerate(problems):
+        alone = kmeans(p, 16, seed=5, problem_keys=[keys[b]], init_size=20000, device="cpu")
+        assert torch.equal(batched.labels[b, : len(p)], alone.labels)
+        torch.testing.assert_close(batched.centers[b], alone.centers, rtol=1e-6, atol=1e-4)
+    other_key = kmeans(problems[0], 16, seed=5, problem_keys=[999], device="cpu")
+    assert not torch.equal(other_key.centers, kmeans(problems[0], 16, seed=5, problem_keys=[101]).centers)
+
+
 def test_each_problem_converges_on_its_own():
     easy = np.repeat(np.array([[0.0, 0.0], [50.0, 50.0]]), 100, axis=0)
     hard = np.random.default_rng(3).uniform(0, 100, size=(200, 2))

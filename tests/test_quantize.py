@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.cluster import KMeans as SKKMeans
+
+from kmgpu.metrics import psnr
+from kmgpu.quantize import color_histogram, fit_palette, fit_palettes, quantize_pixels
+
+from .conftest import SAMPLES, sample_pixels
+
+
+def test_color_histogram_round_trips(coffee_small):
+    pixels = torch.from_numpy(coffee_small)
+    hist = color_histogram(pixels)
+    assert torch.equal(hist.colors[hist.inverse], pixels)
+    assert int(hist.counts.sum()) == len(pixels)
+    assert len(np.unique(hist.colors.numpy(), axis=0)) == hist.colors.shape[0]
+
+
+@pytest.mark.parametrize("k", [2, 16, 64])
+def test_every_pixel_gets_its_nearest_stored_color(coffee_small, k):
+    pal = fit_palette(torch.from_numpy(coffee_small), k, seed=0, device="cpu")
+    palette = pal.colors.numpy().astype(np.int64)
+    assert palette.shape == (k, 3) and pal.colors.dtype == torch.uint8
+    d = ((coffee_small[:, None, :].astype(np.int64) - palette[None]) ** 2).sum(-1)
+    chosen = d[np.arange(len(d)), pal.indices.numpy()]
+    np.testing.assert_array_equal(chosen, d.min(1))
+
+
+def test_fewer_colors_than_k_is_lossless():
+    pixels = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]] * 50, np.uint8).reshape(10, 15, 3)
+    palette, indices, _ = quantize_pixels(pixels, 16, device="cpu")
+    assert len(palette) == 3
+    np.testing.assert_array_equal(palette[indices], pixels)
+
+
+def test_grayscale_clusters_in_one_dimension():
+    pixels = sample_pixels("camera.png", step=2).reshape(256, 256, 1)
+    palette, indices, _ = quantize_pixels(pixels, 8, device="cpu")
+    assert palette.shape == (8, 1)
+    assert psnr(pixels, palette[indices]) > 30
+
+
+@pytest.mark.parametrize("k", [1, 257])
+def test_k_out_of_range(k):
+    with pytest.raises(ValueError, match=f"k={k} is out of range: palette PNGs hold 2 to 256 colors"):
+        quantize_pixels(np.zeros((4, 4, 3), np.uint8), k)
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "coffee.png", "rocket.jpg"])
+@pytest.mark.parametrize("k", [16, 64, 256])
+def test_beats_pillow_quantizers(name, k):
+    with Image.open(SAMPLES / name) as im:
+        rgb = im.convert("RGB")
+    pixels = np.asarray(rgb)
+    palette, indices, _ = quantize_pixels(pixels, k, seed=0, device="cpu")
+    ours = psnr(pixels, palette[indices])
+    for method in (Image.Quantize.MEDIANCUT, Image.Quantize.FASTOCTREE):
+        theirs = np.asarray(rgb.quantize(k, method=method, dither=Image.Dither.NONE).convert("RGB"))
+        assert ours > psnr(pixels, theirs), (method, ours)
+
+
+def test_close_to_a_full_kmeans_fit():
+    pixels = sample_pixels("coffee.png", step=2)
+    ref = SKKMeans(32, n_init=1, random_state=0).fit(pixels.astype(np.float32))
+    ref_palette = np.clip(np.round(ref.cluster_centers_), 0, 255)
+    ref_labels = ((pixels[:, None, :] - ref_palette[None]) ** 2).sum(-1).argmin(1)
+    ref_psnr = psnr(pixels, ref_palette[ref_labels].astype(np.uint8))
+    palette, indices, _ = quantize_pixels(pixels.reshape(-1, 1, 3), 32, seed=0, device="cpu")
+    assert psnr(pixels.reshape(-1, 1, 3), palette[indices]) > ref_psnr - 0.15
+
+
+def test_a_batch_fits_each_image_as_alone():
+    photo = torch.from_numpy(sample_pixels("rocket.jpg", step=3))
+    # 256 levels of one channel spread over RGB: more colors than k, but fewer coarse bins than k
+    ramp = torch.arange(256, dtype=torch.uint8).repeat_interleave(3).reshape(-1, 3).repeat(20, 1)
+    flat = torch.tensor([[10, 20, 30], [200, 100, 0]], dtype=torch.uint8).repeat(500, 1)  # 2 colors only
+    images, keys = [photo, ramp, flat], [7, 8, 9]
+    batch = fit_palettes(images, 100, seed=3, keys=keys, device="cpu")
+    for image, key, got in zip(images, keys, batch):
+        alone = fit_palette(image, 100, seed=3, device="cpu", keys=[key])
+        assert torch.equal(got.colors, alone.colors)
+        assert torch.equal(got.indices, alone.indices)
+        assert got.indices.dtype == torch.uint8 and got.indices.shape == (image.shape[0],)
+    assert batch[2].colors.shape[0] == 2 and torch.equal(batch[2].reconstruct(), flat)
+    assert batch[1].colors.shape[0] == 100 and batch[1].n_iter > 0
+
+
+def test_images_with_different_channel_counts_are_refused():
+    with pytest.raises(ValueError, match="same number of channels"):
+        fit_palettes([torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.uint8)], 4)
