@@ -1,14 +1,21 @@
-"""The ``kmgpu`` command line: parses, calls the library, prints."""
+"""The ``kmgpu`` command line: parses, calls the library, prints.
+
+Exit codes: 0 success; 1 some image failed (each failure is one line on
+stderr, and the others are still done); 2 bad usage (one line on stderr).
+"""
 
 from __future__ import annotations
 
+import math
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from . import __version__
+from .imageio import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     name="kmgpu",
@@ -17,6 +24,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class Dither(str, Enum):
+    none = "none"
+    fs = "fs"
 
 
 def _version(value: bool) -> None:
@@ -41,43 +53,227 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _note(message: str) -> None:
+    typer.echo(f"kmgpu: note: {message}", err=True)
+
+
+def _check_k(k: int) -> None:
+    if not 2 <= k <= 256:
+        _fail(f"k={k} is out of range: palette PNGs hold 2 to 256 colors")
+
+
+def _device(spec: str):
+    from .device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(spec)
+    except DeviceError as err:
+        _fail(str(err))
+
+
+# Options shared by the commands that quantize.
+KOpt = Annotated[int, typer.Option("--k", "-k", help="Palette colors per image, 2 to 256.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the K-means initialisation: same seed, same bytes.")]
+DitherOpt = Annotated[Dither, typer.Option(help="fs: Floyd-Steinberg error diffusion (smoother, larger).")]
+LevelOpt = Annotated[int, typer.Option("--level", min=0, max=9, help="zlib level of the PNG, 0 to 9.")]
+MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse larger images (decompression bombs).", min=1)]
+RefineOpt = Annotated[int, typer.Option(help="Lloyd steps on the exact colors after the coarse fit.", min=0)]
+StartsOpt = Annotated[
+    int | None, typer.Option(help="Starts of the coarse fit (default: 3 for k <= 32, else 1).", min=1)
+]
+
+
+def _fit_options(refine_iter: int, starts: int | None) -> dict:
+    return {"refine_iter": refine_iter, "coarse_n_init": starts}
+
+
+@app.command()
+def compress(
+    inputs: Annotated[list[Path], typer.Argument(help="Images to compress.", show_default=False)],
+    k: KOpt = 64,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output file (one input only).", dir_okay=False)
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Folder for the outputs, named INPUT_STEM.png.", file_okay=False)
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    dither: DitherOpt = Dither.none,
+    overwrite: Annotated[bool, typer.Option(help="Replace outputs that already exist.")] = False,
+    level: LevelOpt = 9,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    refine_iter: RefineOpt = 10,
+    starts: StartsOpt = None,
+) -> None:
+    """Compress images to palette PNGs; one line per image: sizes, ratio, PSNR, SSIM, time.
+
+    Without -o or --out-dir, each output goes beside its input as STEM-kK.png.
+    """
+    from .imageio import ImageReadError
+    from .quantize import quantize
+    from .report import ImageRecord, Table
+
+    _check_k(k)
+    dev = _device(device)
+    if output is not None and (out_dir is not None or len(inputs) != 1):
+        _fail("-o/--output takes exactly one input and no --out-dir")
+    targets = _output_paths(inputs, k, output, out_dir)
+
+    table = Table([("image", 18, "s"), ("size", 11, "s"), ("bytes in", 12, ",d"), ("bytes out", 11, ",d")])
+    table.columns += [("ratio", 7, ".2f"), ("bpp", 6, ".2f"), ("PSNR", 7, ".2f"), ("SSIM", 8, ".4f"), ("ms", 7, ".0f")]
+    typer.echo(table.header())
+    failed, records = 0, []
+    for src, dest in zip(inputs, targets):
+        try:
+            if dest.exists() and not overwrite:
+                raise ValueError(f"{dest}: exists (use --overwrite to replace it)")
+            t0 = time.perf_counter()
+            result = quantize(src, k, seed=seed, device=dev, dither=dither.value, max_pixels=max_pixels,
+                              **_fit_options(refine_iter, starts))  # fmt: skip
+            n_out = result.save(dest, level=level)
+            ms = 1e3 * (time.perf_counter() - t0)
+        except (ImageReadError, ValueError, OSError) as err:
+            failed += 1
+            typer.echo(f"kmgpu: error: {_one_line(err, src)}", err=True)
+            continue
+        for note in result.source.notes:
+            _note(f"{src}: {note}")
+        rec = ImageRecord.of(result, str(dest), n_out, ms)
+        records.append(rec)
+        typer.echo(table.row(src.name, f"{rec.width}x{rec.height}", rec.bytes_in, rec.bytes_out, rec.ratio,
+                             rec.bpp, rec.psnr, rec.ssim, rec.ms))  # fmt: skip
+    if len(records) > 1:
+        total_in = sum(r.bytes_in for r in records)
+        total_out = sum(r.bytes_out for r in records)
+        typer.echo(table.row("total", "", total_in, total_out, total_in / total_out))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _one_line(err: Exception, src: Path) -> str:
+    text = " ".join(str(err).split())
+    return text if text.startswith(str(src)) or text.startswith(str(src.name)) else f"{src}: {text}"
+
+
+def _output_paths(inputs: list[Path], k: int, output: Path | None, out_dir: Path | None) -> list[Path]:
+    """Where each input's PNG goes; refuses any output that is an input."""
+    if output is not None:
+        paths = [output]
+    elif out_dir is not None:
+        stems = [p.stem for p in inputs]
+        paths = [out_dir / (p.name + ".png" if stems.count(p.stem) > 1 else p.stem + ".png") for p in inputs]
+    else:
+        paths = [p.with_name(f"{p.stem}-k{k}.png") for p in inputs]
+    resolved_inputs = {p.resolve() for p in inputs}
+    for dest in paths:
+        if dest.resolve() in resolved_inputs:
+            _fail(f"{dest}: the output would overwrite an input")
+    if len({d.resolve() for d in paths}) != len(paths):
+        _fail("two inputs would write the same output; use --out-dir or rename them")
+    return paths
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        _fail(f"--k {text!r} is not a comma-separated list of integers")
+    if not ks:
+        _fail("--k needs at least one value")
+    for k in ks:
+        _check_k(k)
+    return ks
+
+
+@app.command()
+def sweep(
+    image: Annotated[Path, typer.Argument(help="The image to sweep.", show_default=False)],
+    k: Annotated[str, typer.Option("--k", "-k", help="Comma-separated palette sizes.")] = "2,4,8,16,32,64,128,256",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Folder for the results [default: ./STEM-sweep].")
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    dither: DitherOpt = Dither.none,
+    level: LevelOpt = 9,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    refine_iter: RefineOpt = 10,
+    starts: StartsOpt = None,
+) -> None:
+    """Quantize one image at several k: a table, sweep.csv, a side-by-side sheet.png and chart.png."""
+    from .imageio import ImageReadError, load_image
+    from .metrics import bits_per_pixel, lossless_png_bytes
+    from .quantize import quantize
+    from .report import Table, contact_sheet, save_image, sweep_chart, write_csv
+
+    ks = _parse_ks(k)
+    dev = _device(device)
+    try:
+        src = load_image(image, max_pixels=max_pixels)
+    except ImageReadError as err:
+        _fail(str(err), code=1)
+    for note in src.notes:
+        _note(f"{image}: {note}")
+    out = out_dir if out_dir is not None else Path(f"{image.stem}-sweep")
+    lossless = lossless_png_bytes(src.pixels)
+    typer.echo(
+        f"{image.name}: {src.width}x{src.height} {src.mode}, {src.bytes_in:,} bytes "
+        f"({lossless:,} as lossless PNG); writing to {out}/"
+    )
+    table = Table([("k", 5, "d"), ("bytes", 10, ",d"), ("ratio", 7, ".2f"), ("vs PNG", 8, ".2f"), ("bpp", 6, ".2f")])
+    table.columns += [("PSNR", 7, ".2f"), ("SSIM", 8, ".4f"), ("ms", 7, ".0f")]
+    typer.echo(table.header())
+    rows, tiles = [], [(src.pixels, f"original  {src.bytes_in:,} B")]
+    for kk in ks:
+        t0 = time.perf_counter()
+        result = quantize(src, kk, seed=seed, device=dev, dither=dither.value, **_fit_options(refine_iter, starts))
+        n_out = result.save(out / f"{image.stem}-k{kk}.png", level=level)
+        ms = 1e3 * (time.perf_counter() - t0)
+        quality = result.psnr
+        row = {
+            "k": kk,
+            "colors": len(result.palette),
+            "bytes": n_out,
+            "ratio": src.bytes_in / n_out,
+            "ratio_vs_png": lossless / n_out,
+            "bpp": bits_per_pixel(n_out, src.width, src.height),
+            "psnr": quality,
+            "ssim": result.ssim,
+            "ms": ms,
+        }
+        rows.append(row)
+        typer.echo(table.row(kk, n_out, row["ratio"], row["ratio_vs_png"], row["bpp"], quality, row["ssim"], ms))
+        tiles.append((result.reconstruct(), f"k={kk}  {n_out:,} B  {_db(quality)}"))
+    write_csv(out / "sweep.csv", rows)
+    save_image(contact_sheet(tiles), out / "sheet.png")
+    written = ["sweep.csv", "sheet.png"]
+    if sweep_chart(rows, f"{image.name}: PSNR and size against k", out / "chart.png"):
+        written.append("chart.png")
+    else:
+        _note("matplotlib is not installed, so chart.png was not drawn: pip install 'kmgpu[plot]'")
+    typer.echo(f"wrote {', '.join(written)} and {len(ks)} PNGs to {out}/")
+
+
+def _db(value: float) -> str:
+    return "lossless" if math.isinf(value) else f"{value:.2f} dB"
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, help="Folder for the palette PNGs.")] = Path(
         "kmgpu_demo"
     ),
-    k: Annotated[int, typer.Option("--k", "-k", help="Colors per image, 2 to 256.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of the K-means initialisation.")] = 0,
+    k: KOpt = 64,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
 ) -> None:
-    """Quantize the bundled sample photos and print sizes and PSNR."""
-    from .device import DeviceError, resolve_device
-    from .imageio import load_image, sample_paths, save_palette_png
-    from .metrics import bits_per_pixel, psnr
-    from .quantize import quantize_pixels
+    """Compress the bundled sample photos and print sizes, ratio, PSNR and SSIM."""
+    from .imageio import sample_paths
 
-    if not 2 <= k <= 256:
-        _fail(f"k={k} is out of range: palette PNGs hold 2 to 256 colors")
-    try:
-        dev = resolve_device(device)
-    except DeviceError as err:
-        _fail(str(err))
-    typer.echo(f"kmgpu {__version__}: k={k} on {dev}, writing to {out}/")
-    columns = ("size", 10), ("bytes in", 11), ("bytes out", 11), ("ratio", 7), ("bpp", 6), ("PSNR", 8), ("ms", 7)
-    typer.echo(f"{'image':<16}" + "".join(f"{name:>{width}}" for name, width in columns))
-    total_in = total_out = 0
-    for path in sample_paths():
-        img = load_image(path)
-        t0 = time.perf_counter()
-        palette, indices, _ = quantize_pixels(img.pixels, k, seed=seed, device=dev)
-        ms = 1e3 * (time.perf_counter() - t0)
-        n_out = save_palette_png(out / f"{path.stem}.png", indices, palette)
-        quality = psnr(img.pixels, palette[indices])
-        total_in += img.bytes_in
-        total_out += n_out
-        typer.echo(
-            f"{path.name:<16}{f'{img.width}x{img.height}':>10}{img.bytes_in:>11,}{n_out:>11,}"
-            f"{img.bytes_in / n_out:>7.2f}{bits_per_pixel(n_out, img.width, img.height):>6.2f}"
-            f"{quality:>8.2f}{ms:>7.0f}"
-        )
-    typer.echo(f"{'total':<26}{total_in:>11,}{total_out:>11,}{total_in / total_out:>7.2f}")
+    _check_k(k)
+    dev = _device(device)
+    typer.echo(f"kmgpu {__version__}: k={k} on {dev}, bundled sample photos -> {out}/")
+    compress(sample_paths(), k=k, output=None, out_dir=out, device=str(dev), seed=seed, dither=Dither.none,
+             overwrite=True, level=9, max_pixels=DEFAULT_MAX_PIXELS, refine_iter=10, starts=None)  # fmt: skip

@@ -1,44 +1,90 @@
-"""Reading images into pixel arrays and writing palette PNGs atomically.
+"""Reading every image a user has into 8-bit pixels, and writing palette PNGs atomically.
 
 The K-means core never touches files; this module is the only one that does
-image I/O.
+image I/O (the PNG byte encoding itself is in :mod:`kmgpu.png`).
+
+Every input becomes one of four pixel layouts, ``L``, ``LA``, ``RGB`` or
+``RGBA``, as uint8:
+
+- 1-bit and 8-bit grayscale -> L; 16-bit and 32-bit grayscale (PNG, TIFF) are
+  scaled to 8 bits (v / 257, rounded), not clipped;
+- palette images are expanded (to RGBA when they carry transparency);
+- CMYK, YCbCr, LAB and HSV -> RGB;
+- an alpha channel that is fully opaque is dropped;
+- fully transparent pixels have an invisible color, which is set to 0 so
+  that they share one palette entry instead of wasting several.
+
+EXIF orientation is applied, an RGB ICC profile is kept for the output, and
+animated images give their first frame with a note.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
-from dataclasses import dataclass
+import threading
+import warnings
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageReadError", "LoadedImage", "load_image", "save_palette_png", "sample_paths"]
+from .png import encode_palette_png
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageReadError",
+    "LoadedImage",
+    "load_image",
+    "from_pil",
+    "normalize_alpha",
+    "write_atomic",
+    "save_palette_png",
+    "sample_paths",
+    "SAMPLES_DIR",
+]
 
 SAMPLES_DIR = Path(__file__).with_name("samples")
+# Pillow's own hard limit against decompression bombs (twice MAX_IMAGE_PIXELS).
+DEFAULT_MAX_PIXELS = 178_956_970
+
+_MODES_BY_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+_pillow_limit_lock = threading.Lock()
 
 
 class ImageReadError(ValueError):
-    """A file that is not a readable image."""
+    """A file that is not a readable image, or one above the pixel limit."""
 
 
 @dataclass
 class LoadedImage:
-    """Decoded pixels of one image.
+    """Decoded 8-bit pixels of one image.
 
     Attributes
     ----------
     pixels : ndarray of shape (H, W, C), uint8
-        C is 1 (grayscale) or 3 (RGB).
+        C = 1, 2, 3 or 4 for L, LA, RGB, RGBA.
+    icc_profile : bytes or None
+        An RGB ICC profile to carry into the output.
     path : Path or None
     bytes_in : int
-        Size of the source file, 0 when there is none.
+        Size of the source file; 0 when the image did not come from a file.
+    notes : list of str
+        What was changed on the way that a user should know.
     """
 
     pixels: np.ndarray
-    path: Path | None
-    bytes_in: int
+    icc_profile: bytes | None = None
+    path: Path | None = None
+    bytes_in: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return _MODES_BY_CHANNELS[self.pixels.shape[2]]
 
     @property
     def height(self) -> int:
@@ -49,52 +95,166 @@ class LoadedImage:
         return self.pixels.shape[1]
 
 
-def load_image(path: str | os.PathLike) -> LoadedImage:
-    """Decode an image file, upright (EXIF orientation applied), as L or RGB uint8."""
-    p = Path(path)
-    try:
-        with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
-            mode = "L" if im.mode in ("1", "L", "I;16", "I") else "RGB"
-            pixels = np.asarray(im.convert(mode))
-    except FileNotFoundError:
-        raise ImageReadError(f"{p}: no such file") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{p}: not an image Pillow can read") from None
-    except OSError as err:
-        raise ImageReadError(f"{p}: cannot decode image ({err})") from None
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    return LoadedImage(np.ascontiguousarray(pixels), p, p.stat().st_size)
+def _scale_to_8bit(a: np.ndarray) -> np.ndarray:
+    """Deep grayscale (uint16, int32, float) -> uint8 by scaling, never by clipping."""
+    if a.dtype.kind == "f":
+        top = float(np.nanmax(a)) if a.size else 0.0
+        a = np.nan_to_num(a, nan=0.0) * (255.0 if top <= 1.0 else 1.0)
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    wide = a.astype(np.int64)
+    if a.dtype == np.uint8 or (a.dtype != np.uint16 and wide.max(initial=0) <= 255 and wide.min(initial=0) >= 0):
+        return np.clip(wide, 0, 255).astype(np.uint8)
+    return np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
 
 
-def save_palette_png(path: str | os.PathLike, indices: np.ndarray, palette: np.ndarray) -> int:
-    """Write a palette PNG atomically and return its size in bytes.
+def _pixels_of(im: Image.Image) -> np.ndarray:
+    """Pillow image in any mode -> (H, W, C) uint8 in L, LA, RGB or RGBA."""
+    mode = im.mode
+    if mode in ("1", "L"):
+        a = np.asarray(im.convert("L"))
+    elif mode.startswith("I") or mode == "F":
+        a = _scale_to_8bit(np.asarray(im))
+    elif mode in ("LA", "La"):
+        a = np.asarray(im.convert("LA"))
+    elif mode in ("RGBA", "RGBa", "PA") or (mode == "P" and ("transparency" in im.info or im.palette.mode == "RGBA")):
+        a = np.asarray(im.convert("RGBA"))
+    else:
+        a = np.asarray(im.convert("RGB"))
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return normalize_alpha(np.array(a, dtype=np.uint8, copy=True))
+
+
+def normalize_alpha(a: np.ndarray) -> np.ndarray:
+    """Drop an alpha channel that is all opaque; zero the invisible color of transparent pixels."""
+    if a.shape[2] in (2, 4):
+        alpha = a[:, :, -1]
+        if bool((alpha == 255).all()):
+            return np.ascontiguousarray(a[:, :, :-1])
+        a[alpha == 0] = 0
+    return a
+
+
+def _rgb_icc(icc: bytes | None) -> bytes | None:
+    """The profile if it describes RGB data (what a palette PNG's iCCP must hold), else None."""
+    if icc and len(icc) >= 20 and icc[16:20] == b"RGB ":
+        return icc
+    return None
+
+
+def from_pil(im: Image.Image) -> LoadedImage:
+    """An already opened Pillow image -> :class:`LoadedImage` (EXIF orientation applied)."""
+    notes = []
+    if getattr(im, "is_animated", False):
+        notes.append(f"animated image: only the first of {im.n_frames} frames is used")
+        im.seek(0)
+    icc_source = im.info.get("icc_profile")
+    upright = ImageOps.exif_transpose(im)
+    pixels = _pixels_of(upright)
+    icc = _rgb_icc(icc_source) if pixels.shape[2] >= 3 else None
+    if icc_source and icc is None:
+        notes.append("its ICC profile is not an RGB profile and was not carried over")
+    return LoadedImage(pixels, icc, notes=notes)
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Decode an image file into 8-bit pixels, upright.
 
     Parameters
     ----------
-    indices : ndarray of shape (H, W), integer
-        Palette index of every pixel.
-    palette : ndarray of shape (k, C), uint8
-        C = 1 (gray levels) or 3 (RGB); k <= 256.
+    path : str or PathLike
+        Any format Pillow reads: JPEG, PNG, WebP, TIFF, BMP, GIF and more.
+    max_pixels : int
+        Larger images are refused before they are decoded (decompression bombs).
+
+    Raises
+    ------
+    ImageReadError
+        With a one-line reason that starts with the path.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if p.is_dir():
+            raise ImageReadError(f"{p}: is a folder, not an image")
+        if size == 0:
+            raise ImageReadError(f"{p}: empty file")
+        with _pillow_limit_lock, warnings.catch_warnings():
+            # Our own limit governs; Pillow's is lifted while the header is read.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(p)
+            finally:
+                Image.MAX_IMAGE_PIXELS = before
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageReadError(
+                    f"{p}: {w}x{h} is {w * h:,} pixels, above the limit of {max_pixels:,} (see --max-pixels)"
+                )
+            if w * h == 0:
+                raise ImageReadError(f"{p}: image has no pixels ({w}x{h})")
+            im.load()
+            loaded = from_pil(im)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(f"{p}: no such file") from None
+    except PermissionError:
+        raise ImageReadError(f"{p}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{p}: not an image (no reader recognises its contents)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, MemoryError) as err:
+        raise ImageReadError(f"{p}: corrupt or truncated image ({err})") from None
+    loaded.path, loaded.bytes_in = p, size
+    return loaded
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> int:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place.
+
+    A crash leaves either the old file or the new one, never half of one.
+    Returns the number of bytes written.
     """
     dest = Path(path)
-    k = palette.shape[0]
-    if not 1 <= k <= 256:
-        raise ValueError(f"a palette PNG holds 1 to 256 colors, got {k}")
-    rgb = np.repeat(palette, 3, axis=1) if palette.shape[1] == 1 else palette
-    im = Image.fromarray(indices.astype(np.uint8), mode="P")
-    im.putpalette(rgb.astype(np.uint8).reshape(-1).tolist())
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG")
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return dest.stat().st_size
+    return len(data)
+
+
+def palette_png_bytes(
+    indices: np.ndarray, palette: np.ndarray, *, icc_profile: bytes | None = None, level: int = 9
+) -> bytes:
+    """Encode an index map (H, W) and a palette (k, C), C = 1 to 4 channels, as palette PNG bytes."""
+    k, c = palette.shape
+    if not 1 <= k <= 256:
+        raise ValueError(f"a palette PNG holds 1 to 256 colors, got {k}")
+    gray = c in (1, 2)
+    rgb = np.repeat(palette[:, :1], 3, axis=1) if gray else palette[:, :3]
+    alpha = palette[:, -1] if c in (2, 4) else None
+    return encode_palette_png(indices, rgb, alpha=alpha, icc_profile=icc_profile, level=level)
+
+
+def save_palette_png(
+    path: str | os.PathLike,
+    indices: np.ndarray,
+    palette: np.ndarray,
+    *,
+    icc_profile: bytes | None = None,
+    level: int = 9,
+) -> int:
+    """Write a palette PNG atomically and return its size in bytes (see :func:`palette_png_bytes`)."""
+    return write_atomic(path, palette_png_bytes(indices, palette, icc_profile=icc_profile, level=level))
 
 
 def sample_paths() -> list[Path]:

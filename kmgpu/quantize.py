@@ -20,16 +20,42 @@ Coarse to fine:
 
 from __future__ import annotations
 
+import io
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .device import resolve_device
+from .imageio import (
+    DEFAULT_MAX_PIXELS,
+    LoadedImage,
+    from_pil,
+    load_image,
+    normalize_alpha,
+    palette_png_bytes,
+    write_atomic,
+)
 from .kmeans import assign, kmeans
+from .metrics import psnr, ssim
 
-__all__ = ["ColorHistogram", "Palette", "color_histogram", "fit_palette", "fit_palettes", "quantize_pixels"]
+__all__ = [
+    "ColorHistogram",
+    "Palette",
+    "QuantizedImage",
+    "as_loaded",
+    "color_histogram",
+    "fit_palette",
+    "fit_palettes",
+    "quantize",
+    "quantize_batch",
+    "quantize_pixels",
+]
 
 
 @dataclass
@@ -296,15 +322,9 @@ def fit_palette(pixels: torch.Tensor, k: int, *, seed: int = 0, device="auto", *
 
 
 def quantize_pixels(
-    pixels: np.ndarray, k: int, *, seed: int = 0, device: str | torch.device | None = "auto"
+    pixels: np.ndarray, k: int, *, seed: int = 0, device: str | torch.device | None = "auto", **options
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Quantize one decoded image to at most ``k`` colors.
-
-    Parameters
-    ----------
-    pixels : ndarray of shape (H, W, C), uint8
-    k : int
-        2 to 256, what a palette PNG holds.
+    """Quantize one decoded image (H, W, C) uint8 to at most ``k`` colors, without dithering.
 
     Returns
     -------
@@ -314,5 +334,193 @@ def quantize_pixels(
     """
     h, w, c = pixels.shape
     flat = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"]).reshape(h * w, c))
-    pal = fit_palette(flat, int(k), seed=seed, device=device)
+    pal = fit_palette(flat, int(k), seed=seed, device=device, **options)
     return pal.colors.cpu().numpy(), pal.indices.reshape(h, w).cpu().numpy(), pal.n_iter
+
+
+# --------------------------------------------------------------------------
+# Whole images: the public entry points
+# --------------------------------------------------------------------------
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor | LoadedImage
+DITHER_MODES = ("none", "fs")
+
+
+def as_loaded(image: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Bring any supported image input to a :class:`LoadedImage` of uint8 pixels.
+
+    Paths are decoded (see :func:`kmgpu.imageio.load_image`); Pillow images
+    are converted; numpy arrays are (H, W) or (H, W, C) and tensors (H, W) or
+    (C, H, W) as torchvision decodes them, uint8 with C = 1 to 4 (L, LA, RGB,
+    RGBA).
+    """
+    if isinstance(image, LoadedImage):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, max_pixels=max_pixels)
+    if isinstance(image, Image.Image):
+        return from_pil(image)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        image = (t.permute(1, 2, 0) if t.ndim == 3 else t).numpy()
+    if isinstance(image, np.ndarray):
+        a = image[:, :, None] if image.ndim == 2 else image
+        if a.dtype != np.uint8 or a.ndim != 3 or not 1 <= a.shape[2] <= 4 or 0 in a.shape:
+            raise ValueError(
+                f"an image array must be uint8 of shape (H, W) or (H, W, C) with C = 1 to 4 "
+                f"(tensors: (C, H, W)); got {a.dtype} {tuple(image.shape)}"
+            )
+        return LoadedImage(normalize_alpha(np.array(a, copy=True)))
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+@dataclass
+class QuantizedImage:
+    """One image reduced to a palette and an index map.
+
+    Attributes
+    ----------
+    palette : ndarray of shape (k', C), uint8
+        The stored colors (C = 1, 2, 3, 4 for L, LA, RGB, RGBA); k' <= k.
+    indices : ndarray of shape (H, W), uint8
+    source : LoadedImage
+        The decoded input: its pixels, ICC profile, path, size and notes.
+    k : int
+        The palette size asked for.
+    dither : str
+        "none" or "fs".
+    seconds : float
+        Time of the fit and the mapping of every pixel.
+    n_iter : int
+        Lloyd iterations.
+    """
+
+    palette: np.ndarray
+    indices: np.ndarray
+    source: LoadedImage
+    k: int
+    dither: str = "none"
+    seconds: float = 0.0
+    n_iter: int = 0
+
+    def reconstruct(self) -> np.ndarray:
+        """The quantized pixels, (H, W, C) uint8, as a viewer decodes the PNG."""
+        return self.palette[self.indices]
+
+    @property
+    def psnr(self) -> float:
+        """PSNR in dB against the decoded input, over every channel value."""
+        return psnr(self.source.pixels, self.reconstruct())
+
+    @property
+    def ssim(self) -> float:
+        """SSIM of the luma against the decoded input."""
+        return ssim(self.source.pixels, self.reconstruct())
+
+    def png_bytes(self, *, level: int = 9) -> bytes:
+        """The palette PNG, with the input's RGB ICC profile."""
+        return palette_png_bytes(self.indices, self.palette, icc_profile=self.source.icc_profile, level=level)
+
+    def save(self, path: str | os.PathLike, *, level: int = 9) -> int:
+        """Write the palette PNG atomically; refuses to overwrite the input. Returns its size in bytes."""
+        dest = Path(path)
+        src = self.source.path
+        if src is not None and (dest.resolve() == src.resolve() or (dest.exists() and os.path.samefile(dest, src))):
+            raise ValueError(f"{dest}: the output would overwrite the input")
+        return write_atomic(dest, self.png_bytes(level=level))
+
+    def to_pil(self) -> Image.Image:
+        """The result as a Pillow image in mode P."""
+        return Image.open(io.BytesIO(self.png_bytes(level=1)))
+
+
+def _dither_fs(pixels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Map pixels to a given palette with Floyd-Steinberg error diffusion (Pillow's remap)."""
+    rgb_palette = np.repeat(palette, 3, axis=1) if palette.shape[1] == 1 else palette
+    holder = Image.new("P", (1, 1))
+    holder.putpalette(rgb_palette.reshape(-1).tolist())
+    rgb = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+    mapped = Image.fromarray(rgb).quantize(palette=holder, dither=Image.Dither.FLOYDSTEINBERG)
+    return np.asarray(mapped).copy()
+
+
+def quantize_batch(
+    images: Sequence[ImageLike],
+    k: int = 64,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    dither: str = "none",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keys: Sequence[int] | None = None,
+    **options,
+) -> list[QuantizedImage]:
+    """Quantize many images in batched engine calls (one per channel layout).
+
+    Parameters are those of :func:`quantize`; ``keys`` gives each image its
+    own random stream (see :func:`fit_palettes`), so an image's result does
+    not depend on the rest of the batch. Default keys: the positions.
+    """
+    if dither not in DITHER_MODES:
+        raise ValueError(f"dither={dither!r} is not a dithering mode: use none or fs")
+    if not 2 <= int(k) <= 256:
+        raise ValueError(f"k={k} is out of range: palette PNGs hold 2 to 256 colors")
+    loaded = [as_loaded(im, max_pixels=max_pixels) for im in images]
+    keys = list(range(len(loaded))) if keys is None else list(keys)
+    results: list[QuantizedImage | None] = [None] * len(loaded)
+    for channels in sorted({im.pixels.shape[2] for im in loaded}):
+        members = [i for i, im in enumerate(loaded) if im.pixels.shape[2] == channels]
+        t0 = time.perf_counter()
+        flats = [torch.from_numpy(loaded[i].pixels.reshape(-1, channels)) for i in members]
+        palettes = fit_palettes(flats, int(k), seed=seed, keys=[keys[i] for i in members], device=device, **options)
+        share = (time.perf_counter() - t0) / len(members)
+        for i, pal in zip(members, palettes):
+            src = loaded[i]
+            t1 = time.perf_counter()
+            colors = pal.colors.cpu().numpy()
+            if dither == "fs" and channels in (1, 3):
+                indices = _dither_fs(src.pixels, colors)
+            else:
+                if dither == "fs":
+                    src.notes.append("dithering is not applied to images with transparency")
+                indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
+            seconds = share + time.perf_counter() - t1
+            results[i] = QuantizedImage(colors, indices, src, int(k), dither, seconds, pal.n_iter)
+    return results  # type: ignore[return-value]
+
+
+def quantize(
+    image: ImageLike,
+    k: int = 64,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    dither: str = "none",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    **options,
+) -> QuantizedImage:
+    """Quantize one image to a palette of at most ``k`` colors.
+
+    Parameters
+    ----------
+    image : path, PIL image, uint8 array (H, W[, C]) or tensor ((C,) H, W)
+    k : int
+        Palette size, 2 to 256 (what a palette PNG holds).
+    seed : int
+        Same seed, device and image: the same bytes out.
+    device : "auto", "cpu", "cuda" or "cuda:N"
+    dither : "none" or "fs"
+        "fs" maps the pixels to the fitted palette with Floyd-Steinberg error
+        diffusion: smoother gradients, lower PSNR, larger files.
+    max_pixels : int
+        Larger images are refused before decoding.
+    **options
+        Engine knobs of :func:`fit_palettes` (``coarse_bits``, ``refine_iter``,
+        ``coarse_n_init``, ``max_iter``, ``tol``).
+
+    Returns
+    -------
+    QuantizedImage
+        Palette, indices, the decoded source, metrics (``psnr``, ``ssim``) and ``save``.
+    """
+    return quantize_batch([image], k, seed=seed, device=device, dither=dither, max_pixels=max_pixels, **options)[0]

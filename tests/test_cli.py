@@ -1,3 +1,6 @@
+import csv
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -6,9 +9,17 @@ from typer.testing import CliRunner
 from kmgpu import __version__
 from kmgpu.cli import app
 from kmgpu.imageio import load_image, sample_paths
-from kmgpu.metrics import psnr
+from kmgpu.metrics import psnr, ssim
+
+from .conftest import SAMPLES
+from .images import encoded, photo, png_info
 
 runner = CliRunner()
+
+
+def rows_of(output: str) -> dict:
+    """Table rows of a command's output, keyed by their first cell."""
+    return {line.split()[0]: line.split() for line in output.splitlines() if line and not line.startswith("kmgpu")}
 
 
 def test_version():
@@ -19,40 +30,182 @@ def test_version():
 
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0 and "demo" in result.output
+    assert result.exit_code == 0
+    for command in ("compress", "sweep", "demo"):
+        assert command in result.output
 
 
 def test_demo_writes_decodable_palette_pngs(tmp_path):
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--k", "16", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    lines = {line.split()[0]: line.split() for line in result.output.splitlines()[2:]}
+    rows = rows_of(result.output)
     for src in sample_paths():
         written = out / f"{src.stem}.png"
         with Image.open(written) as im:
-            assert im.format == "PNG" and im.mode == "P"
-            assert len(im.getcolors()) <= 16
+            assert im.mode == "P" and len(im.getcolors()) <= 16
             decoded = np.asarray(im.convert("RGB"))
         original = load_image(src).pixels
         if original.shape[2] == 1:
             assert np.all(decoded == decoded[:, :, :1])
             decoded = decoded[:, :, :1]
-        row = lines[src.name]
+        row = rows[src.name]
         assert int(row[3].replace(",", "")) == written.stat().st_size
         assert float(row[6]) == pytest.approx(psnr(original, decoded), abs=0.006)
+        assert float(row[7]) == pytest.approx(ssim(original, decoded), abs=6e-5)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_compress_writes_beside_the_input(tmp_path):
+    src = tmp_path / "coffee.png"
+    shutil.copy(SAMPLES / "coffee.png", src)
+    result = runner.invoke(app, ["compress", str(src), "--k", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "coffee-k32.png"
+    info = png_info(out.read_bytes())
+    assert info["color_type"] == 3 and info["bit_depth"] == 8 and info["palette_len"] <= 32
+    row = rows_of(result.output)["coffee.png"]
+    assert int(row[3].replace(",", "")) == out.stat().st_size
+    assert float(row[4]) == pytest.approx(src.stat().st_size / out.stat().st_size, abs=0.006)
+    assert src.read_bytes() == (SAMPLES / "coffee.png").read_bytes()
+
+
+def test_compress_many_with_a_name_clash_and_fs_dither(tmp_path):
+    (tmp_path / "a.png").write_bytes(encoded(photo(), "PNG"))
+    (tmp_path / "a.jpg").write_bytes(encoded(photo(), "JPEG"))
+    out = tmp_path / "out"
+    args = ["compress", str(tmp_path / "a.png"), str(tmp_path / "a.jpg"), "--out-dir", str(out), "--device", "cpu"]
+    plain = runner.invoke(app, [*args, "-k", "8"])
+    assert plain.exit_code == 0, plain.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg.png", "a.png.png"]
+    assert "total" in plain.output
+    dithered = runner.invoke(app, [*args, "-k", "8", "--dither", "fs", "--overwrite"])
+    assert dithered.exit_code == 0, dithered.output
+    with Image.open(out / "a.png.png") as im:
+        assert len(im.getcolors()) <= 8
+    assert float(rows_of(dithered.output)["a.png"][6]) < float(rows_of(plain.output)["a.png"][6])
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    src = tmp_path / "p.png"
+    photo().save(src)
+    dest = tmp_path / "o.png"
+    dest.write_bytes(b"keep me")
+    result = runner.invoke(app, ["compress", str(src), "-o", str(dest), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "exists (use --overwrite" in result.output and dest.read_bytes() == b"keep me"
+    again = runner.invoke(app, ["compress", str(src), "-o", str(dest), "--device", "cpu", "--overwrite"])
+    assert again.exit_code == 0 and dest.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_broken_files_fail_cleanly_and_the_rest_is_done(tmp_path):
+    good = tmp_path / "good.png"
+    photo().save(good)
+    broken = {
+        "empty.jpg": b"",
+        "text.jpg": b"hello, I am text",
+        "cut.png": encoded(photo(), "PNG")[:200],
+    }
+    for name, content in broken.items():
+        (tmp_path / name).write_bytes(content)
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / n) for n in [*broken, "good.png"]]
+    result = runner.invoke(app, ["compress", *inputs, "--out-dir", str(out), "--device", "cpu", "-k", "8"])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("kmgpu: error:")]
+    assert len(errors) == 3 and "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["good.png"]
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--k", "300"], "k=300 is out of range: palette PNGs hold 2 to 256 colors"),
+        (["--k", "1"], "k=1 is out of range"),
         (["--device", "gpu"], "device='gpu' is not a device"),
+        (["-o", "x.png", "--out-dir", "d"], "-o/--output takes exactly one input"),
     ],
 )
 def test_bad_flags_are_one_clear_line(tmp_path, args, message):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "o"), *args])
+    src = tmp_path / "p.png"
+    photo().save(src)
+    result = runner.invoke(app, ["compress", str(src), *args])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kmgpu: error: ") and message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+
+
+def test_output_onto_the_input_is_refused(tmp_path):
+    src = tmp_path / "p.png"
+    photo().save(src)
+    before = src.read_bytes()
+    result = runner.invoke(app, ["compress", str(src), "-o", str(src), "--overwrite"])
+    assert result.exit_code == 2 and "would overwrite an input" in result.output
+    assert src.read_bytes() == before
+
+
+def test_unknown_dither_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["compress", "x.png", "--dither", "ordered"])
+    assert result.exit_code == 2
+
+
+def test_sweep_writes_table_csv_sheet_and_pngs(tmp_path):
+    src = tmp_path / "p.png"
+    photo((120, 80)).save(src)
+    out = tmp_path / "sw"
+    result = runner.invoke(app, ["sweep", str(src), "--k", "4,16,2", "--out-dir", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["k"]) for r in rows] == [2, 4, 16]
+    for r in rows:
+        png = out / f"p-k{r['k']}.png"
+        assert int(r["bytes"]) == png.stat().st_size
+        assert png_info(png.read_bytes())["palette_len"] <= int(r["k"])
+    psnrs = [float(r["psnr"]) for r in rows]
+    assert psnrs == sorted(psnrs)
+    with Image.open(out / "sheet.png") as sheet:
+        assert sheet.width > 3 * 100 and sheet.mode == "RGB"
+    chart = out / "chart.png"
+    try:
+        import matplotlib  # noqa: F401
+
+        assert chart.exists() and chart.stat().st_size > 1000
+    except ImportError:
+        assert not chart.exists() and "pip install 'kmgpu[plot]'" in result.output
+
+
+def test_sweep_says_so_when_matplotlib_is_missing(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    src = tmp_path / "p.png"
+    photo().save(src)
+    result = runner.invoke(app, ["sweep", str(src), "--k", "4", "--out-dir", str(tmp_path / "o"), "--device", "cpu"])
+    assert result.exit_code == 0
+    assert "matplotlib is not installed, so chart.png was not drawn: pip install 'kmgpu[plot]'" in result.output
+    assert (tmp_path / "o" / "sheet.png").exists() and not (tmp_path / "o" / "chart.png").exists()
+
+
+@pytest.mark.parametrize("ks", ["4,x", "0,4", ""])
+def test_sweep_bad_k_list(tmp_path, ks):
+    src = tmp_path / "p.png"
+    photo().save(src)
+    result = runner.invoke(app, ["sweep", str(src), "--k", ks])
+    assert result.exit_code == 2 and result.output.startswith("kmgpu: error:")
+
+
+def test_sweep_of_a_broken_file(tmp_path):
+    src = tmp_path / "bad.png"
+    src.write_bytes(b"nope")
+    result = runner.invoke(app, ["sweep", str(src), "--out-dir", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "not an image" in result.output
     assert not (tmp_path / "o").exists()

@@ -1,0 +1,88 @@
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from kmgpu.png import bit_depth_for, encode_palette_png, smooth_order
+from kmgpu.quantize import quantize_pixels
+
+from .conftest import SAMPLES
+from .images import png_info
+
+
+def decode(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 256),
+    h=st.integers(1, 40),
+    w=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    alpha=st.booleans(),
+)
+def test_any_index_map_round_trips(k, h, w, seed, alpha):
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, size=(k, 3), dtype=np.uint8)
+    indices = rng.integers(0, k, size=(h, w)).astype(np.uint8)
+    opacity = rng.integers(0, 256, size=k, dtype=np.uint8) if alpha else None
+    data = encode_palette_png(indices, palette, alpha=opacity)
+    info = png_info(data)
+    assert info["bit_depth"] == bit_depth_for(k) and info["palette_len"] == k
+    im = decode(data)
+    assert im.mode == "P" and im.size == (w, h)
+    want = np.hstack([palette, opacity[:, None]]) if alpha else palette
+    got = np.asarray(im.convert("RGBA" if alpha else "RGB"))
+    np.testing.assert_array_equal(got, want[indices])
+
+
+@pytest.mark.parametrize("k, bits", [(1, 1), (2, 1), (3, 2), (4, 2), (5, 4), (16, 4), (17, 8), (256, 8)])
+def test_smallest_bit_depth(k, bits):
+    assert bit_depth_for(k) == bits
+
+
+def test_more_than_256_colors_is_refused():
+    with pytest.raises(ValueError, match="at most 256 colors, got 257"):
+        bit_depth_for(257)
+
+
+def test_smooth_order_is_a_permutation_from_the_darkest():
+    palette = np.array([[200, 200, 200], [0, 0, 0], [100, 100, 100], [10, 10, 10]], np.uint8)
+    order = smooth_order(palette)
+    assert order.tolist() == [1, 3, 2, 0]
+
+
+def test_trns_is_trimmed_and_absent_when_opaque():
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+    indices = np.array([[0, 1, 2]], np.uint8)
+    assert "tRNS" not in png_info(encode_palette_png(indices, palette, alpha=np.full(3, 255, np.uint8)))["chunks"]
+    info = png_info(encode_palette_png(indices, palette, alpha=np.array([255, 0, 255], np.uint8), reorder=False))
+    assert info["trns_len"] == 2
+
+
+def pillow_plain_save(indices: np.ndarray, palette: np.ndarray) -> int:
+    im = Image.frombytes("P", indices.shape[::-1], indices.tobytes())
+    rgb = np.repeat(palette, 3, axis=1) if palette.shape[1] == 1 else palette
+    im.putpalette(rgb.reshape(-1).tolist())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.tell()
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
+@pytest.mark.parametrize("k", [16, 64, 256])
+def test_never_larger_than_pillows_plain_save(name, k):
+    with Image.open(SAMPLES / name) as im:
+        pixels = np.asarray(im.convert("L" if im.mode == "L" else "RGB"))
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    palette, indices, _ = quantize_pixels(pixels, k, device="cpu")
+    rgb = np.repeat(palette, 3, axis=1) if palette.shape[1] == 1 else palette
+    ours = encode_palette_png(indices, rgb)
+    assert len(ours) <= pillow_plain_save(indices, palette)
+    np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), rgb[indices])
