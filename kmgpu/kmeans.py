@@ -252,12 +252,27 @@ class _Assigner:
         # deterministic. On the CPU scatter_add is deterministic and cheaper.
         self.one_hot_sums = x.device.type == "cuda"
         self._scratch = torch.empty(0, device=x.device)
+        self._xw = self._w64 = None
 
     def subset(self, idx: torch.Tensor) -> _Assigner:
         new = _Assigner.__new__(_Assigner)
         new.x, new.w, new.xa, new.x_sq = self.x[idx], self.w[idx], self.xa[idx], self.x_sq[idx]
         new.budget, new.one_hot_sums, new._scratch = self.budget, self.one_hot_sums, self._scratch
+        new._xw = None if self._xw is None else self._xw[idx]
+        new._w64 = None if self._w64 is None else self._w64[idx]
         return new
+
+    def _weighted_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x * w in float64, channels first (B, d, N), and w in float64, made on first use.
+
+        Summing one contiguous channel at a time with a 1-D index measured
+        about 4 times faster on the CPU than one scatter of (n, d) rows.
+        """
+        if self._xw is None:
+            w64 = self.w.double()
+            self._xw = (self.x.double() * w64.unsqueeze(-1)).transpose(1, 2).contiguous()
+            self._w64 = w64
+        return self._xw, self._w64
 
     def _block_buffer(self, b: int, n: int, k: int) -> torch.Tensor:
         """A (b, n, k) float32 view of one scratch buffer kept across blocks and iterations.
@@ -304,24 +319,25 @@ class _Assigner:
                 labels[bs, ns] = lab
                 min_dist[bs, ns] = (best + self.x_sq[bs, ns]).clamp_min_(0.0)
                 if sums:
-                    sx, sw = self._cluster_sums(lab, self.x[bs, ns], self.w[bs, ns], k, part)
+                    sx, sw = self._cluster_sums(lab, bs, ns, k, part)
                     sum_x[bs] += sx
                     sum_w[bs] += sw
         return labels, min_dist, sum_x, sum_w
 
-    def _cluster_sums(self, lab, x, w, k, scratch):
+    def _cluster_sums(self, lab, bs: slice, ns: slice, k: int, scratch):
+        """Weighted sums (b, k, d) and total weights (b, k) of the points of each cluster, float64."""
         if self.one_hot_sums:
+            w = self.w[bs, ns]
             one_hot = scratch.zero_().scatter_(2, lab.unsqueeze(-1), w.unsqueeze(-1))
-            sx = torch.bmm(one_hot.transpose(1, 2), x)
-            sw = one_hot.sum(1)
-        else:
-            # Sums in float64, so that the result does not depend on the block size.
-            b, n, d = x.shape
-            w = w.double()
-            sx = torch.zeros(b, k, d, dtype=torch.float64, device=x.device)
-            sx.scatter_add_(1, lab.unsqueeze(-1).expand(b, n, d), x.double() * w.unsqueeze(-1))
-            sw = torch.zeros(b, k, dtype=torch.float64, device=w.device).scatter_add_(1, lab, w)
-        return sx.double(), sw.double()
+            return torch.bmm(one_hot.transpose(1, 2), self.x[bs, ns]).double(), one_hot.sum(1).double()
+        # Sums in float64, so that the result does not depend on the block size.
+        xw, w64 = self._weighted_channels()
+        b, d = lab.shape[0], xw.shape[1]
+        sx = torch.zeros(b, d, k, dtype=torch.float64, device=lab.device)
+        for c in range(d):
+            sx[:, c].scatter_add_(1, lab, xw[bs, c, ns])
+        sw = torch.zeros(b, k, dtype=torch.float64, device=lab.device).scatter_add_(1, lab, w64[bs, ns])
+        return sx.transpose(1, 2), sw
 
 
 def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None):
