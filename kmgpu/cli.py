@@ -277,3 +277,118 @@ def demo(
     typer.echo(f"kmgpu {__version__}: k={k} on {dev}, bundled sample photos -> {out}/")
     compress(sample_paths(), k=k, output=None, out_dir=out, device=str(dev), seed=seed, dither=Dither.none,
              overwrite=True, level=9, max_pixels=DEFAULT_MAX_PIXELS, refine_iter=10, starts=None)  # fmt: skip
+
+
+@app.command("run")
+def run_command(
+    sources: Annotated[
+        list[Path], typer.Argument(help="Folders (walked recursively) or image files.", show_default=False)
+    ],
+    k: Annotated[
+        int | None, typer.Option("--k", "-k", help="Palette colors per image, 2 to 256. [default: 64]")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder. [default: SRC_kmgpu beside SRC]")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="A TOML file of settings (see configs/).", dir_okay=False)
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batched fit, at most. [default: 16]")] = None,
+    batch_pixels: Annotated[int | None, typer.Option(help="Pixels per batch, at most. [default: 16000000]")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes; 0 decodes inline. [default: 2]")] = None,
+    writers: Annotated[int | None, typer.Option(help="PNG encoding threads. [default: 2]")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip images a previous run in --out finished.")] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start over, or write into a folder that is not a kmgpu run.")
+    ] = False,
+    dither: Annotated[Dither | None, typer.Option(help="none or fs (Floyd-Steinberg). [default: none]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the K-means initialisation. [default: 0]")] = None,
+    level: Annotated[int | None, typer.Option(help="zlib level of the PNGs, 0 to 9. [default: 9]")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Refuse larger images. [default: 178956970]")] = None,
+    refine_iter: Annotated[int | None, typer.Option(help="Lloyd steps on the exact colors. [default: 10]")] = None,
+    starts: Annotated[int | None, typer.Option(help="Starts of the coarse fit; 0 automatic. [default: 0]")] = None,
+    fail_fast: Annotated[bool, typer.Option(help="Stop at the first image that fails.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Compress every image under SRC into a mirrored tree of palette PNGs, with a record of each.
+
+    Writes OUT/manifest.jsonl (one line per image) and OUT/summary.json. Exit code 0 when
+    every image is done, 1 when any failed (they are listed in the manifest), 2 on bad usage.
+    """
+    from .config import ConfigError, load_config
+    from .device import DeviceError
+    from .pipeline import RunError, run
+
+    try:
+        cfg = load_config(
+            config, k=k, device=device, batch_size=batch_size, batch_pixels=batch_pixels, workers=workers,
+            writers=writers, dither=dither.value if dither else None, seed=seed, level=level, max_pixels=max_pixels,
+            refine_iter=refine_iter, starts=starts,
+        )  # fmt: skip
+        result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)
+    except (ConfigError, DeviceError, RunError) as err:
+        _fail(str(err))
+    _print_failures(Path(result.summary["output"]))
+    _print_summary(result.summary)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_failures(out_dir: Path, most: int = 20) -> None:
+    """One line on stderr per image that failed, the first ``most`` of them."""
+    from .pipeline import MANIFEST, read_manifest
+
+    count = 0
+    for r in read_manifest(out_dir / MANIFEST):
+        if r.get("status") != "ok":
+            count += 1
+            if count <= most:
+                typer.echo(f"kmgpu: error: {r['error']}", err=True)
+    if count > most:
+        typer.echo(f"kmgpu: error: ... and {count - most} more (see {out_dir / MANIFEST})", err=True)
+
+
+def _print_summary(s: dict) -> None:
+    def num(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        ("images", f"{s['images_done']:,} done, {s['images_failed']:,} failed, {s.get('images_skipped', 0):,} skipped"
+         f" (already done), {s.get('images_listed', 0):,} listed"),
+        ("bytes", f"{s['bytes_in']:,} in, {s['bytes_out']:,} out, ratio {num(s['ratio'], '.2f')},"
+         f" {num(s['bits_per_pixel'], '.2f')} bits per pixel"),
+        ("PSNR", f"mean {num(s['psnr_mean'], '.2f')} dB, worst {num(s['psnr_worst'], '.2f')} dB"
+         + (f" ({s['psnr_worst_image']})" if s.get("psnr_worst_image") else "")
+         + (f", {s['lossless_images']} lossless" if s.get("lossless_images") else "")),
+        ("SSIM", f"mean {num(s['ssim_mean'], '.4f')}, worst {num(s['ssim_worst'], '.4f')}"
+         + (f" ({s['ssim_worst_image']})" if s.get("ssim_worst_image") else "")),
+        ("time", f"{s.get('wall_seconds', 0):.1f} s wall, {s.get('images_per_second', 0):.2f} images/s,"
+         f" {s.get('megapixels_per_second', 0):.2f} MP/s this run"),
+        ("device", f"{s['versions']['device']}" + (f" ({s['versions']['device_name']})"
+                                                    if s["versions"].get("device_name") else "")),
+        ("output", f"{s['output']}  (manifest.jsonl, summary.json)"),
+    ]  # fmt: skip
+    for name, text in lines:
+        typer.echo(f"{name:<8}{text}")
+
+
+@app.command()
+def report(
+    out_dir: Annotated[Path, typer.Argument(help="The output folder of a kmgpu run.", show_default=False)],
+) -> None:
+    """Print the summary of an existing run."""
+    import json
+
+    from .pipeline import MANIFEST, SUMMARY, summarize
+
+    path = out_dir / SUMMARY
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if not (out_dir / MANIFEST).exists():
+            _fail(f"{out_dir}: no {SUMMARY} or {MANIFEST} here: not the output folder of a kmgpu run")
+        summary = {**summarize(out_dir / MANIFEST), "output": str(out_dir), "versions": {"device": "unknown"}}
+    except (OSError, json.JSONDecodeError) as err:
+        _fail(f"{path}: cannot be read ({err})")
+    _print_summary(summary)
+    raise typer.Exit(1 if summary.get("images_failed") else 0)

@@ -274,7 +274,10 @@ def fit_palettes(
         coarse_n_init = 3 if int(ks.max()) <= 32 else 1
 
     sizes = torch.tensor([im.shape[0] for im in images])
-    pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images]).to(dev, non_blocking=True)
+    pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images])
+    if dev.type == "cuda":  # pinned pages let the copy run asynchronously
+        pixels = pixels.pin_memory()
+    pixels = pixels.to(dev, non_blocking=True)
     image_of = torch.repeat_interleave(torch.arange(n, device=dev), sizes.to(dev))
 
     # 1. Every image's distinct colors with their counts, all in one sort.

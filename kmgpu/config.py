@@ -1,0 +1,145 @@
+"""One dataclass of run settings, loaded from ``configs/*.toml`` and overridden by CLI flags.
+
+Precedence, lowest first: the defaults below, the config file, the flags given.
+An unknown key in a file is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .imageio import DEFAULT_MAX_PIXELS
+
+__all__ = ["ConfigError", "RunConfig", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A config file or a setting that cannot be used."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of ``kmgpu run``; each is also a config-file key and a CLI flag.
+
+    Attributes
+    ----------
+    k : int
+        Palette colors per image, 2 to 256.
+    device : str
+        auto, cpu, cuda or cuda:N.
+    seed : int
+        Seed of the K-means initialisation; each image's stream also depends on
+        its path relative to its source folder, so its output does not depend
+        on batching, resuming or the number of processes.
+    dither : str
+        none or fs (Floyd-Steinberg).
+    batch_size : int
+        Images fitted together in one batched engine call, at most.
+    batch_pixels : int
+        Pixels in one batch, at most (a larger single image goes alone).
+    workers : int
+        DataLoader processes that decode images; 0 decodes in the main process.
+    writers : int
+        Threads that encode and write PNGs and measure PSNR/SSIM.
+    level : int
+        zlib level of the PNGs, 0 to 9.
+    max_pixels : int
+        Images above this are refused before decoding.
+    refine_iter, starts, coarse_bits, max_iter, tol
+        Engine knobs (see :func:`kmgpu.quantize.fit_palettes`); starts 0 means
+        the default (3 for k <= 32, else 1).
+    """
+
+    k: int = 64
+    device: str = "auto"
+    seed: int = 0
+    dither: str = "none"
+    batch_size: int = 16
+    batch_pixels: int = 16_000_000
+    workers: int = 2
+    writers: int = 2
+    level: int = 9
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    refine_iter: int = 10
+    starts: int = 0
+    coarse_bits: int = 6
+    max_iter: int = 300
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        checks = [
+            (2 <= self.k <= 256, f"k={self.k} is out of range: palette PNGs hold 2 to 256 colors"),
+            (self.dither in ("none", "fs"), f"dither={self.dither!r} is not a dithering mode: use none or fs"),
+            (self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1"),
+            (self.batch_pixels >= 1, f"batch_pixels={self.batch_pixels} must be at least 1"),
+            (self.workers >= 0, f"workers={self.workers} must be 0 or more"),
+            (self.writers >= 1, f"writers={self.writers} must be at least 1"),
+            (0 <= self.level <= 9, f"level={self.level} is out of range: zlib levels are 0 to 9"),
+            (self.max_pixels >= 1, f"max_pixels={self.max_pixels} must be at least 1"),
+            (self.refine_iter >= 0, f"refine_iter={self.refine_iter} must be 0 or more"),
+            (self.starts >= 0, f"starts={self.starts} must be 0 (automatic) or more"),
+            (1 <= self.coarse_bits <= 8, f"coarse_bits={self.coarse_bits} is out of range: 1 to 8"),
+            (self.max_iter >= 1, f"max_iter={self.max_iter} must be at least 1"),
+            (self.tol >= 0, f"tol={self.tol} must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def fit_options(self) -> dict[str, Any]:
+        """The engine knobs, as :func:`kmgpu.quantize.fit_palettes` takes them."""
+        return {
+            "refine_iter": self.refine_iter,
+            "coarse_n_init": self.starts or None,
+            "coarse_bits": self.coarse_bits,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} = {value!r} must be of type {kind.__name__}")
+    return value
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> RunConfig:
+    """Defaults, then the TOML file (if any), then the ``overrides`` that are not None."""
+    types = {f.name: type(f.default) for f in fields(RunConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {p} cannot be read: {err}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
+        for key, value in data.items():
+            if key not in types:
+                known = ", ".join(sorted(types))
+                raise ConfigError(f"config file {p}: unknown key {key!r} (known keys: {known})")
+            values[key] = _coerce(f"{p}: {key}", value, types[key])
+    for key, value in overrides.items():
+        if key not in types:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            values[key] = _coerce(key, value, types[key])
+    return RunConfig(**values)

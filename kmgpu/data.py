@@ -1,0 +1,211 @@
+"""Folder scanning and the decoding ``Dataset`` of ``kmgpu run``.
+
+The walk is sorted and streamed: memory does not grow with the number of
+files, and every process (DataLoader workers, torchrun ranks) sees the same
+order. Symbolic links to folders are not followed, so a link loop cannot
+trap the walk; links to files are read. An unreadable folder is reported and
+skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .imageio import ImageReadError, LoadedImage, load_image
+
+__all__ = ["IMAGE_SUFFIXES", "Item", "Sample", "scan", "item_key", "DoneSet", "DecodeDataset"]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input file and where its output goes.
+
+    Attributes
+    ----------
+    source : int
+        Index of the SRC it was found under.
+    path : Path
+        The file.
+    rel : str
+        Output path relative to the output root, with "/" separators.
+    order : tuple
+        Sort key: the walk's order, the same in every process.
+    """
+
+    source: int
+    path: Path
+    rel: str
+    order: tuple
+
+
+def _output_names(names: list[str]) -> dict[str, str]:
+    """Output file names for the image files of one folder: STEM.png, or NAME.png where stems clash."""
+    stems: dict[str, int] = {}
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        stems[stem] = stems.get(stem, 0) + 1
+    out = {n: (os.path.splitext(n)[0] if stems[os.path.splitext(n)[0]] == 1 else n) + ".png" for n in names}
+    taken: dict[str, int] = {}
+    for name in names:  # a clash left (a.png.png beside a.png and a.jpg): number it
+        target = out[name]
+        if target in taken:
+            taken[target] += 1
+            out[name] = f"{target[:-4]}.{taken[target]}.png"
+        else:
+            taken[target] = 0
+    return out
+
+
+def scan(
+    sources: list[Path], *, prefix_sources: bool = False, on_error: Callable[[str], None] | None = None
+) -> Iterator[Item]:
+    """Walk the sources in sorted order and yield the image files.
+
+    Parameters
+    ----------
+    sources : list of Path
+        Folders (walked recursively) or single files.
+    prefix_sources : bool
+        Put each source's outputs under a folder of the source's name (for
+        several sources); otherwise each tree is mirrored at the root.
+    on_error : callable, optional
+        Called with a one-line message for each folder that cannot be read.
+    """
+    for index, src in enumerate(sources):
+        top = src.name if prefix_sources else ""
+        if src.is_dir():
+            yield from _walk(index, src, top, (index,), on_error)
+        else:
+            rel = _output_names([src.name])[src.name]
+            yield Item(index, src, f"{top}/{rel}" if top else rel, (index, src.name))
+
+
+def _walk(index: int, folder: Path, rel: str, order: tuple, on_error) -> Iterator[Item]:
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as err:
+        if on_error is not None:
+            on_error(f"{folder}: cannot read folder ({err.strerror or err})")
+        return
+    files, names = [], []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            is_file = not is_dir and entry.is_file()
+        except OSError:
+            continue
+        if is_file and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+            names.append(entry.name)
+        files.append((entry, is_dir, is_file))
+    out_names = _output_names(names)
+    for entry, is_dir, is_file in files:
+        child = f"{rel}/{entry.name}" if rel else entry.name
+        if is_dir:
+            yield from _walk(index, Path(entry.path), child, order + (entry.name,), on_error)
+        elif is_file and entry.name in out_names:
+            out = f"{rel}/{out_names[entry.name]}" if rel else out_names[entry.name]
+            yield Item(index, Path(entry.path), out, order + (entry.name,))
+
+
+def item_key(rel: str) -> int:
+    """A stable 63-bit key of an output path: the image's own random stream (see kmgpu.kmeans)."""
+    return int.from_bytes(hashlib.blake2b(rel.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+class DoneSet:
+    """Output paths already done, as a sorted array of their 63-bit keys (8 bytes an image)."""
+
+    def __init__(self, rels=()):
+        self.keys = np.unique(np.fromiter((item_key(r) for r in rels), dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+    def __contains__(self, rel: str) -> bool:
+        key = item_key(rel)
+        i = int(np.searchsorted(self.keys, key))
+        return i < self.keys.size and int(self.keys[i]) == key
+
+
+@dataclass
+class Sample:
+    """What a DataLoader worker hands to the main process for one item."""
+
+    item: Item
+    image: LoadedImage | None
+    error: str | None
+    decode_ms: float
+
+
+class DecodeDataset(IterableDataset):
+    """Decodes the items still to do, in walk order, off the main process.
+
+    With several workers (or ranks), worker ``w`` of ``W`` takes the items
+    ``i`` with ``i % W == w``: the DataLoader hands the results back in the
+    walk's order.
+    """
+
+    def __init__(
+        self,
+        sources: list[Path],
+        done: DoneSet,
+        *,
+        max_pixels: int,
+        prefix_sources: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ):
+        self.sources = sources
+        self.done = done
+        self.max_pixels = max_pixels
+        self.prefix_sources = prefix_sources
+        self.shard = shard
+
+    def todo(self) -> Iterator[Item]:
+        """The items of this shard (rank) that are not done yet, in walk order."""
+        rank, world = self.shard
+        position = 0
+        for item in scan(self.sources, prefix_sources=self.prefix_sources):
+            if item.rel in self.done:
+                continue
+            if position % world == rank:
+                yield item
+            position += 1
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, item in enumerate(self.todo()):
+            if i % workers == worker:
+                yield self.decode(item)
+
+    def decode(self, item: Item) -> Sample:
+        t0 = time.perf_counter()
+        try:
+            image = load_image(item.path, max_pixels=self.max_pixels)
+        except ImageReadError as err:
+            return Sample(item, None, str(err), 1e3 * (time.perf_counter() - t0))
+        except MemoryError:
+            return Sample(item, None, f"{item.path}: out of memory while decoding", 1e3 * (time.perf_counter() - t0))
+        return Sample(item, image, None, 1e3 * (time.perf_counter() - t0))
+
+
+def identity_collate(sample):
+    """DataLoader collate for batch_size=None: hand the sample over as it is."""
+    return sample
+
+
+def torch_threads_for_workers(worker_id: int) -> None:
+    """Workers only decode; one torch thread each leaves the cores to the fit."""
+    torch.set_num_threads(1)

@@ -1,0 +1,497 @@
+"""The run loop of ``kmgpu run``: DataLoader -> batched fit on the device -> writer pool -> records.
+
+- DataLoader worker processes walk the sources in sorted order and decode the
+  images still to do; the main process groups them into batches capped by
+  count and by pixels, and fits each batch in one batched engine call, on
+  the device, every pixel assigned there.
+- A pool of writer threads encodes the PNGs (zlib releases the GIL), writes
+  them atomically and measures PSNR and SSIM, so the device does not wait for
+  zlib; results are taken back in input order, with a bounded number in
+  flight, so memory stays flat however many images there are.
+- Every image gets one line in ``manifest.jsonl`` (appended and flushed as
+  soon as the image is done) and the run ends with ``summary.json``.
+- Resume: a rerun skips what the manifest records as ok and whose output
+  exists; everything else (errors, half-written or missing outputs) is done
+  again. Each image's random stream comes from its own path, so its output is
+  the same bytes whatever batch it lands in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .config import RunConfig
+from .data import DecodeDataset, DoneSet, Item, Sample, identity_collate, item_key, scan, torch_threads_for_workers
+from .device import resolve_device
+from .imageio import write_atomic
+from .metrics import bits_per_pixel
+from .quantize import QuantizedImage, quantize_batch
+
+__all__ = ["MANIFEST", "SUMMARY", "RunError", "RunResult", "run", "default_output", "summarize", "read_manifest"]
+
+MANIFEST = "manifest.jsonl"
+SUMMARY = "summary.json"
+
+
+class RunError(ValueError):
+    """The run cannot start: bad sources, or an output folder it must not touch."""
+
+
+@dataclass
+class RunResult:
+    """What ``run`` did: the summary written to summary.json, and the exit code."""
+
+    summary: dict
+    exit_code: int
+    notes: list[str] = field(default_factory=list)
+
+
+def default_output(sources: list[Path]) -> Path:
+    """SRC_kmgpu beside SRC; several sources need an explicit --out."""
+    if len(sources) != 1:
+        raise RunError("several sources need --out DIR (each goes to DIR/<its name>/)")
+    src = sources[0].resolve()
+    return src.parent / f"{src.name if src.is_dir() else src.stem}_kmgpu"
+
+
+def _check_sources(sources: list[Path], out: Path) -> None:
+    for src in sources:
+        if not src.exists():
+            raise RunError(f"{src}: no such file or folder")
+    out_r = out.resolve()
+    for src in sources:
+        src_r = src.resolve()
+        if src_r.is_dir() and (out_r == src_r or src_r in out_r.parents):
+            raise RunError(f"--out {out} is inside the source {src}: choose a folder outside it")
+        if src_r.is_file() and out_r == src_r:
+            raise RunError(f"--out {out} is the source file itself")
+
+
+def read_manifest(path: Path) -> Iterator[dict]:
+    """The records of a manifest; a torn last line (a killed run) is skipped."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "output" in record:
+                yield record
+
+
+def _order_key(record: dict) -> tuple:
+    return (record.get("src", 0), *str(record.get("input", "")).split("/"))
+
+
+def _remove_stray_temporaries(out: Path) -> int:
+    """Delete the temporary files of writes that a killed run left half done."""
+    removed = 0
+    for folder, _dirs, files in os.walk(out):
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> DoneSet:
+    """Make ``out`` ready and return what is already done there."""
+    manifest = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+    if manifest.exists():
+        if not resume:
+            if not overwrite:
+                raise RunError(f"{out} holds a previous run: --resume finishes it, --overwrite starts over")
+            manifest.unlink()
+            return DoneSet()
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunError(f"{out} is not empty and holds no kmgpu run: choose another --out, or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stray_temporaries(out)
+    if not manifest.exists():
+        return DoneSet()
+    # Keep the lines of the images that are done (recorded ok, output present), once each.
+    kept, seen = [], set()
+    for record in read_manifest(manifest):
+        rel = record["output"]
+        if record.get("status") == "ok" and rel not in seen and (out / rel).is_file():
+            seen.add(rel)
+            kept.append(json.dumps(record))
+    write_atomic(manifest, "".join(line + "\n" for line in kept).encode())
+    return DoneSet(seen)
+
+
+def _finalize_manifest(manifest: Path) -> None:
+    """Leave one line per image, in walk order: what an uninterrupted run writes.
+
+    An uninterrupted run already appends in order, and is checked in one
+    streaming pass; only a resumed run is read whole and sorted.
+    """
+    previous, ordered = None, True
+    for record in read_manifest(manifest):
+        key = _order_key(record)
+        if previous is not None and key <= previous:
+            ordered = False
+            break
+        previous = key
+    if ordered:
+        return
+    latest = {record["output"]: record for record in read_manifest(manifest)}
+    lines = sorted(latest.values(), key=_order_key)
+    write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in lines).encode())
+
+
+def summarize(manifest: Path) -> dict:
+    """Totals over a manifest, in one streaming pass."""
+    done = failed = pixels = bytes_in = bytes_out = 0
+    psnr_sum = ssim_sum = 0.0
+    n_psnr = lossless = 0
+    worst_psnr = worst_ssim = math.inf
+    worst_psnr_of = worst_ssim_of = None
+    for r in read_manifest(manifest):
+        if r.get("status") != "ok":
+            failed += 1
+            continue
+        done += 1
+        pixels += r["width"] * r["height"]
+        bytes_in += r["bytes_in"]
+        bytes_out += r["bytes_out"]
+        if r["psnr"] is None:
+            lossless += 1
+        else:
+            psnr_sum += r["psnr"]
+            n_psnr += 1
+            if r["psnr"] < worst_psnr:
+                worst_psnr, worst_psnr_of = r["psnr"], r["source"]
+        ssim_sum += r["ssim"]
+        if r["ssim"] < worst_ssim:
+            worst_ssim, worst_ssim_of = r["ssim"], r["source"]
+    return {
+        "images_done": done,
+        "images_failed": failed,
+        "megapixels": pixels / 1e6,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "ratio": bytes_in / bytes_out if bytes_out else None,
+        "bits_per_pixel": 8 * bytes_out / pixels if pixels else None,
+        "psnr_mean": psnr_sum / n_psnr if n_psnr else None,
+        "psnr_worst": worst_psnr if n_psnr else None,
+        "psnr_worst_image": worst_psnr_of,
+        "lossless_images": lossless,
+        "ssim_mean": ssim_sum / done if done else None,
+        "ssim_worst": worst_ssim if done else None,
+        "ssim_worst_image": worst_ssim_of,
+    }
+
+
+def _versions(device: torch.device) -> dict:
+    out = {
+        "kmgpu": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def _error_record(item: Item, message: str, ms: float, k: int) -> dict:
+    return {
+        "source": str(item.path),
+        "output": item.rel,
+        "src": item.source,
+        "input": "/".join(item.order[1:]),
+        "width": None,
+        "height": None,
+        "k": k,
+        "bytes_in": _size(item.path),
+        "bytes_out": None,
+        "ratio": None,
+        "psnr": None,
+        "ssim": None,
+        "ms": round(ms, 2),
+        "status": "error",
+        "error": " ".join(message.split()),
+    }
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _write_one(result: QuantizedImage, item: Item, out: Path, level: int, ms_before: float) -> dict:
+    """Encode, write atomically, measure: runs on a writer thread."""
+    t0 = time.perf_counter()
+    try:
+        n_out = write_atomic(out / item.rel, result.png_bytes(level=level))
+        quality, similarity = result.psnr, result.ssim
+    except (OSError, ValueError, RuntimeError) as err:
+        return _error_record(item, f"{item.path}: cannot write {item.rel}: {err}", ms_before, result.k)
+    src = result.source
+    return {
+        "source": str(item.path),
+        "output": item.rel,
+        "src": item.source,
+        "input": "/".join(item.order[1:]),
+        "width": src.width,
+        "height": src.height,
+        "k": result.k,
+        "colors": len(result.palette),
+        "bytes_in": src.bytes_in,
+        "bytes_out": n_out,
+        "ratio": round(src.bytes_in / n_out, 4),
+        "bpp": round(bits_per_pixel(n_out, src.width, src.height), 4),
+        "psnr": None if math.isinf(quality) else round(quality, 4),
+        "ssim": round(similarity, 6),
+        "ms": round(ms_before + 1e3 * (time.perf_counter() - t0), 2),
+        "status": "ok",
+        "error": None,
+        "notes": src.notes or None,
+    }
+
+
+class _OrderedSink:
+    """Takes records (or futures of records) and appends them to the manifest in input order."""
+
+    def __init__(self, manifest: Path, limit: int, on_record: Callable[[dict], None]):
+        self.file = open(manifest, "a", encoding="utf-8")
+        self.queue: deque[Future | dict] = deque()
+        self.limit = limit
+        self.on_record = on_record
+
+    def add(self, entry: Future | dict) -> None:
+        self.queue.append(entry)
+        self.drain(block=False)
+        while len(self.queue) > self.limit:
+            self._pop()
+
+    def drain(self, block: bool = True) -> None:
+        while self.queue and (block or not isinstance(self.queue[0], Future) or self.queue[0].done()):
+            self._pop()
+
+    def _pop(self) -> None:
+        head = self.queue.popleft()
+        record = head.result() if isinstance(head, Future) else head
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.on_record(record)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class _Counters:
+    processed: int = 0
+    failed: int = 0
+    megapixels: float = 0.0
+
+
+def run(
+    sources: list[Path],
+    out: Path | None,
+    config: RunConfig,
+    *,
+    resume: bool = True,
+    overwrite: bool = False,
+    fail_fast: bool = False,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    note: Callable[[str], None] = lambda message: print(f"kmgpu: note: {message}", file=sys.stderr),
+) -> RunResult:
+    """Compress every image under ``sources`` into a mirrored tree under ``out``.
+
+    Parameters
+    ----------
+    sources : list of Path
+        Folders (walked recursively, sorted) or files.
+    out : Path or None
+        The output root; default SRC_kmgpu beside the single source.
+    config : RunConfig
+    resume : bool
+        Skip the images that a previous run in ``out`` finished.
+    overwrite : bool
+        Allow an ``out`` that holds files of something else, or start over.
+    fail_fast : bool
+        Stop at the first image that fails.
+    progress : bool
+        Show a tqdm progress bar on stderr.
+
+    Returns
+    -------
+    RunResult
+        exit_code 0 when every image is done, 1 when any failed.
+
+    Raises
+    ------
+    RunError
+        When the run cannot start.
+    """
+    from tqdm import tqdm
+
+    started = time.time()
+    t_start = time.perf_counter()
+    device = resolve_device(config.device)
+    out = out if out is not None else default_output(sources)
+    _check_sources(sources, out)
+    done = _prepare_output(out, resume=resume, overwrite=overwrite)
+    several = len(sources) > 1
+
+    unreadable: list[str] = []
+    listed = skipped = 0
+    for item in scan(sources, prefix_sources=several, on_error=unreadable.append):
+        listed += 1
+        skipped += item.rel in done
+    for message in unreadable:
+        note(message)
+    if listed == 0:
+        names = ", ".join(sorted(s for s in {".jpg", ".png", ".webp", ".tif", ".bmp", ".gif"}))
+        note(f"no images found in {', '.join(map(str, sources))} (looked for {names} and the like)")
+
+    dataset = DecodeDataset(sources, done, max_pixels=config.max_pixels, prefix_sources=several, shard=shard)
+    workers = config.workers
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=identity_collate,
+        worker_init_fn=torch_threads_for_workers if workers else None,
+        prefetch_factor=4 if workers else None,
+    )
+    counters = _Counters()
+    bar = tqdm(total=listed - skipped, unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    t_loop = time.perf_counter()
+
+    def on_record(record: dict) -> None:
+        counters.processed += 1
+        if record["status"] == "ok":
+            counters.megapixels += record["width"] * record["height"] / 1e6
+        else:
+            counters.failed += 1
+        bar.update(1)
+        elapsed = max(time.perf_counter() - t_loop, 1e-9)
+        bar.set_postfix_str(f"{counters.megapixels / elapsed:.2f} MP/s, {counters.failed} failed", refresh=False)
+
+    sink = _OrderedSink(out / MANIFEST, limit=2 * config.writers + config.batch_size, on_record=on_record)
+    pool = ThreadPoolExecutor(max_workers=config.writers, thread_name_prefix="kmgpu-writer")
+    stopped = False
+    try:
+        batch: list[Sample] = []
+        pixels = 0
+        for sample in loader:
+            batch.append(sample)
+            if sample.image is not None:
+                pixels += sample.image.width * sample.image.height
+            elif fail_fast:
+                stopped = True
+            if stopped or len(batch) >= config.batch_size or pixels >= config.batch_pixels:
+                stopped |= _flush(batch, config, device, out, pool, sink, fail_fast)
+                batch, pixels = [], 0
+            if stopped:
+                break
+        if batch and not stopped:
+            _flush(batch, config, device, out, pool, sink, fail_fast)
+        sink.drain()
+    finally:
+        pool.shutdown(wait=True)
+        sink.drain()
+        sink.close()
+        bar.close()
+
+    _finalize_manifest(out / MANIFEST)
+    wall = time.perf_counter() - t_start
+    totals = summarize(out / MANIFEST)
+    loop = max(time.perf_counter() - t_loop, 1e-9)
+    summary = {
+        **totals,
+        "images_listed": listed,
+        "images_skipped": skipped,
+        "images_processed": counters.processed,
+        "stopped_early": stopped,
+        "wall_seconds": round(wall, 3),
+        "images_per_second": round(counters.processed / loop, 3),
+        "megapixels_per_second": round(counters.megapixels / loop, 3),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "sources": [str(s) for s in sources],
+        "output": str(out),
+        "config": config.as_dict(),
+        "versions": _versions(device),
+    }
+    write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    failed = totals["images_failed"] > 0 or stopped
+    return RunResult(summary, 1 if failed else 0, unreadable)
+
+
+def _flush(batch: list[Sample], config: RunConfig, device, out: Path, pool, sink: _OrderedSink, fail_fast) -> bool:
+    """Fit the decoded images of ``batch`` in one batched call and hand them to the writers, in order.
+
+    Returns True when ``fail_fast`` and something failed.
+    """
+    good = [s for s in batch if s.image is not None]
+    results: dict[int, QuantizedImage | str] = {}
+    t0 = time.perf_counter()
+    if good:
+        try:
+            fitted = _fit(good, config, device)
+            results = {id(s): r for s, r in zip(good, fitted)}
+        except (RuntimeError, ValueError, MemoryError) as err:
+            message = " ".join(str(err).split())[:300]
+            results = {id(s): f"{s.item.path}: the fit failed ({message})" for s in good}
+    share = 1e3 * (time.perf_counter() - t0) / max(1, len(good))
+    failed = False
+    for s in batch:
+        if s.image is None:
+            sink.add(_error_record(s.item, s.error or "unknown error", s.decode_ms, config.k))
+            failed = True
+            continue
+        r = results[id(s)]
+        if isinstance(r, str):
+            sink.add(_error_record(s.item, r, s.decode_ms + share, config.k))
+            failed = True
+        else:
+            sink.add(pool.submit(_write_one, r, s.item, out, config.level, s.decode_ms + share))
+    return fail_fast and failed
+
+
+def _fit(samples: list[Sample], config: RunConfig, device) -> list[QuantizedImage]:
+    """One batched engine call; on CUDA out of memory, the batch is split in halves."""
+    try:
+        return quantize_batch(
+            [s.image for s in samples],
+            config.k,
+            seed=config.seed,
+            device=device,
+            dither=config.dither,
+            keys=[item_key(s.item.rel) for s in samples],
+            **config.fit_options(),
+        )
+    except torch.cuda.OutOfMemoryError:
+        if len(samples) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(samples) // 2
+        return _fit(samples[:half], config, device) + _fit(samples[half:], config, device)

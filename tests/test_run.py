@@ -1,0 +1,247 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from kmgpu.cli import app
+from kmgpu.pipeline import MANIFEST, SUMMARY, read_manifest
+
+from .images import encoded, photo, with_alpha
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_tree(root: Path) -> dict:
+    """A small photo tree with every kind of input and every kind of trouble."""
+    (root / "nested" / "deeper").mkdir(parents=True)
+    (root / "ünï cödé dir").mkdir()
+    base = photo((64, 48))
+    deep = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    files = {
+        "a.jpg": encoded(base, "JPEG", quality=90),
+        "a.png": encoded(base, "PNG"),  # same stem as a.jpg: both must survive
+        "nested/b.webp": encoded(base.rotate(90, expand=True), "WEBP", lossless=True),
+        "nested/rgba.png": encoded(with_alpha(base), "PNG"),
+        "nested/deeper/gray.png": encoded(base.convert("L"), "PNG"),
+        "nested/deeper/deep16.png": encoded(deep, "PNG"),
+        "ünï cödé dir/spaced name é.png": encoded(base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG"),
+        "broken/truncated.png": encoded(base, "PNG")[:150],
+        "broken/empty.jpg": b"",
+        "broken/text.jpg": b"I am not a JPEG",
+        "notes.txt": b"not an image, not even named like one",
+    }  # fmt: skip
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    os.symlink(root, root / "nested" / "loop")  # a link back up: must not trap the walk
+    return files
+
+
+def run_cli(*args):
+    return runner.invoke(app, ["run", *map(str, args), "--device", "cpu", "--no-progress"])
+
+
+def records(out: Path) -> list[dict]:
+    return list(read_manifest(out / MANIFEST))
+
+
+def test_run_end_to_end(tmp_path):
+    src = tmp_path / "photos"
+    make_tree(src)
+    result = run_cli(src, "--k", "16", "--batch-size", "3", "--workers", "2")
+    assert result.exit_code == 1, result.output  # three broken files
+    out = tmp_path / "photos_kmgpu"
+    recs = records(out)
+    by_output = {r["output"]: r for r in recs}
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert len(recs) == 10 and len(ok) == 7
+    assert {"a.png", "a.jpg.png", "a.png.png"} & set(by_output) == {"a.jpg.png", "a.png.png"}
+    assert "ünï cödé dir/spaced name é.png" in by_output
+    for r in ok:
+        path = out / r["output"]
+        with Image.open(path) as im:
+            assert im.mode == "P" and len(im.getcolors()) <= 16
+            assert im.size == (r["width"], r["height"])
+        assert path.stat().st_size == r["bytes_out"]
+    errors = {r["output"]: r["error"] for r in recs if r["status"] == "error"}
+    assert set(errors) == {"broken/truncated.png", "broken/empty.png", "broken/text.png"}
+    assert "empty file" in errors["broken/empty.png"] and "not an image" in errors["broken/text.png"]
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["images_done"] == 7 and summary["images_failed"] == 3 and summary["images_listed"] == 10
+    assert summary["bytes_out"] == sum(r["bytes_out"] for r in ok)
+    assert summary["bytes_in"] == sum(r["bytes_in"] for r in ok)
+    assert summary["config"]["k"] == 16 and summary["versions"]["torch"]
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert on_disk == sorted(r["output"] for r in ok)
+    assert result.output.count("kmgpu: error:") == 3
+    assert "7 done, 3 failed" in result.output
+    report = runner.invoke(app, ["report", str(out)])
+    assert report.exit_code == 1 and "7 done, 3 failed" in report.output
+
+
+def test_batching_and_workers_do_not_change_a_byte(tmp_path):
+    src = tmp_path / "photos"
+    make_tree(src)
+    one = run_cli(src, "--out", tmp_path / "one", "--k", "8", "--batch-size", "1", "--workers", "0")
+    many = run_cli(src, "--out", tmp_path / "many", "--k", "8", "--batch-size", "16", "--workers", "2")
+    assert one.exit_code == many.exit_code == 1
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert len(files) == 7
+    for rel in files:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "many" / rel).read_bytes()
+
+
+def comparable(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "ms"} for r in records(out)]
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    base = np.asarray(photo((240, 160)))
+    for i in range(36):
+        sub = src / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(np.roll(base, 7 * i, axis=1)).save(sub / f"img{i:02d}.png")
+    args = ["--k", "64", "--device", "cpu", "--batch-size", "2", "--workers", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "kmgpu", "run", str(src), *args]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        manifest = killed / MANIFEST
+        if manifest.exists() and manifest.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lines_before = (killed / MANIFEST).read_text().count("\n")
+    assert 5 <= lines_before < 36
+
+    resumed = subprocess.run([*cmd, "--out", str(killed)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((killed / SUMMARY).read_text())
+    assert summary["images_skipped"] >= lines_before - 1 and summary["images_done"] == 36
+    assert summary["images_processed"] == 36 - summary["images_skipped"]
+
+    whole = tmp_path / "whole"
+    subprocess.run([*cmd, "--out", str(whole)], env=env, check=True, capture_output=True)
+    assert comparable(killed) == comparable(whole)  # same lines, same order, none twice
+    names = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(killed) for p in killed.rglob("*") if p.is_file())
+    for rel in names:
+        if rel.suffix == ".png":
+            assert (killed / rel).read_bytes() == (whole / rel).read_bytes(), rel
+
+
+def test_half_written_and_missing_outputs_are_redone(tmp_path):
+    src = tmp_path / "photos"
+    make_tree(src)
+    out = tmp_path / "o"
+    assert run_cli(src, "--out", out, "--k", "8").exit_code == 1
+    first = {r["output"]: r for r in records(out)}
+    (out / "a.png.png").unlink()  # lost output
+    (out / "nested" / ".rgba.png.x1y2.tmp").write_bytes(b"half")  # a write cut short
+    again = run_cli(src, "--out", out, "--k", "8")
+    assert again.exit_code == 1
+    summary = json.loads((out / SUMMARY).read_text())
+    # 6 ok outputs skipped; the lost one and the 3 broken files are tried again
+    assert summary["images_skipped"] == 6 and summary["images_processed"] == 4
+    assert not list(out.rglob("*.tmp"))
+    now = {r["output"]: r for r in records(out)}
+    assert list(now) == list(first)
+    assert now["a.png.png"]["bytes_out"] == first["a.png.png"]["bytes_out"]
+
+
+def test_config_precedence_and_unknown_keys(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo().save(src / "p.png")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("k = 8\nlevel = 1\nbatch_size = 4\n")
+    result = run_cli(src, "--config", cfg, "--k", "16")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "photos_kmgpu" / SUMMARY).read_text())
+    assert summary["config"]["k"] == 16 and summary["config"]["level"] == 1 and summary["config"]["batch_size"] == 4
+    assert records(tmp_path / "photos_kmgpu")[0]["k"] == 16
+    cfg.write_text("k = 8\ncolours = 12\n")
+    bad = run_cli(src, "--config", cfg, "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and "unknown key 'colours'" in bad.output
+    cfg.write_text("k = 'many'\n")
+    assert "must be of type int" in run_cli(src, "--config", cfg, "--out", tmp_path / "x").output
+
+
+@pytest.mark.parametrize("name", ["default", "fast", "quality"])
+def test_shipped_configs_load(name):
+    from kmgpu.config import load_config
+
+    cfg = load_config(ROOT / "configs" / f"{name}.toml")
+    assert 2 <= cfg.k <= 256
+
+
+def test_usage_errors_and_empty_folder(tmp_path):
+    missing = run_cli(tmp_path / "nope")
+    assert missing.exit_code == 2 and "no such file or folder" in missing.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = run_cli(empty)
+    assert nothing.exit_code == 0 and "no images found" in nothing.output
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo().save(src / "p.png")
+    inside = run_cli(src, "--out", src / "out")
+    assert inside.exit_code == 2 and "inside the source" in inside.output
+    assert run_cli(src, "--k", "1").exit_code == 2
+    two = run_cli(src, empty)
+    assert two.exit_code == 2 and "several sources need --out" in two.output
+
+
+def test_foreign_folder_and_start_over(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo().save(src / "p.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    refused = run_cli(src, "--out", out)
+    assert refused.exit_code == 2 and "holds no kmgpu run" in refused.output
+    assert run_cli(src, "--out", out, "--overwrite").exit_code == 0
+    assert (out / "mine.txt").read_text() == "keep"
+    again = run_cli(src, "--out", out, "--no-resume")
+    assert again.exit_code == 2 and "--overwrite starts over" in again.output
+    fresh = run_cli(src, "--out", out, "--no-resume", "--overwrite")
+    assert fresh.exit_code == 0
+    assert json.loads((out / SUMMARY).read_text())["images_processed"] == 1
+
+
+def test_fail_fast_stops_at_the_first_failure(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(6):
+        photo().save(src / f"p{i}.png")
+    (src / "p2.png").write_bytes(b"broken")
+    result = run_cli(src, "--fail-fast", "--batch-size", "1", "--workers", "0")
+    assert result.exit_code == 1
+    recs = records(tmp_path / "photos_kmgpu")
+    assert [r["status"] for r in recs] == ["ok", "ok", "error"]
+
+
+def test_several_sources_go_under_their_names(tmp_path):
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        photo().save(tmp_path / name / "p.png")
+    result = run_cli(tmp_path / "x", tmp_path / "y", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert sorted(r["output"] for r in records(tmp_path / "o")) == ["x/p.png", "y/p.png"]
