@@ -260,25 +260,6 @@ def _db(value: float) -> str:
     return "lossless" if math.isinf(value) else f"{value:.2f} dB"
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, help="Folder for the palette PNGs.")] = Path(
-        "kmgpu_demo"
-    ),
-    k: KOpt = 64,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-) -> None:
-    """Compress the bundled sample photos and print sizes, ratio, PSNR and SSIM."""
-    from .imageio import sample_paths
-
-    _check_k(k)
-    dev = _device(device)
-    typer.echo(f"kmgpu {__version__}: k={k} on {dev}, bundled sample photos -> {out}/")
-    compress(sample_paths(), k=k, output=None, out_dir=out, device=str(dev), seed=seed, dither=Dither.none,
-             overwrite=True, level=9, max_pixels=DEFAULT_MAX_PIXELS, refine_iter=10, starts=None)  # fmt: skip
-
-
 @app.command("run")
 def run_command(
     sources: Annotated[
@@ -310,6 +291,7 @@ def run_command(
     starts: Annotated[int | None, typer.Option(help="Starts of the coarse fit; 0 automatic. [default: 0]")] = None,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first image that fails.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    images: Annotated[bool, typer.Option("--images", help="Also print one line per image at the end.")] = False,
 ) -> None:
     """Compress every image under SRC into a mirrored tree of palette PNGs, with a record of each.
 
@@ -330,6 +312,8 @@ def run_command(
     except (ConfigError, DeviceError, RunError) as err:
         _fail(str(err))
     _print_failures(Path(result.summary["output"]))
+    if images:
+        _print_images(Path(result.summary["output"]))
     _print_summary(result.summary)
     raise typer.Exit(result.exit_code)
 
@@ -346,6 +330,24 @@ def _print_failures(out_dir: Path, most: int = 20) -> None:
                 typer.echo(f"kmgpu: error: {r['error']}", err=True)
     if count > most:
         typer.echo(f"kmgpu: error: ... and {count - most} more (see {out_dir / MANIFEST})", err=True)
+
+
+def _print_images(out_dir: Path) -> None:
+    """One line per image of a run, from its manifest."""
+    from .pipeline import MANIFEST, read_manifest
+    from .report import Table
+
+    table = Table([("image", 30, "s"), ("size", 11, "s"), ("bytes in", 12, ",d"), ("bytes out", 11, ",d")])
+    table.columns += [("ratio", 7, ".2f"), ("bpp", 6, ".2f"), ("PSNR", 7, ".2f"), ("SSIM", 8, ".4f"), ("ms", 7, ".0f")]
+    typer.echo(table.header())
+    for r in read_manifest(out_dir / MANIFEST):
+        if r.get("status") == "ok":
+            quality = math.inf if r["psnr"] is None else r["psnr"]
+            typer.echo(table.row(r["output"], f"{r['width']}x{r['height']}", r["bytes_in"], r["bytes_out"],
+                                 r["ratio"], r["bpp"], quality, r["ssim"], r["ms"]))  # fmt: skip
+        else:
+            typer.echo(f"{r['output']:<30}failed: {r['error']}")
+    typer.echo()
 
 
 def _print_summary(s: dict) -> None:
@@ -375,8 +377,9 @@ def _print_summary(s: dict) -> None:
 @app.command()
 def report(
     out_dir: Annotated[Path, typer.Argument(help="The output folder of a kmgpu run.", show_default=False)],
+    images: Annotated[bool, typer.Option("--images", help="Also print one line per image.")] = False,
 ) -> None:
-    """Print the summary of an existing run."""
+    """Print the summary of an existing run (and, with --images, a line per image)."""
     import json
 
     from .pipeline import MANIFEST, SUMMARY, summarize
@@ -390,5 +393,7 @@ def report(
         summary = {**summarize(out_dir / MANIFEST), "output": str(out_dir), "versions": {"device": "unknown"}}
     except (OSError, json.JSONDecodeError) as err:
         _fail(f"{path}: cannot be read ({err})")
+    if images:
+        _print_images(out_dir)
     _print_summary(summary)
     raise typer.Exit(1 if summary.get("images_failed") else 0)

@@ -45,6 +45,9 @@ __all__ = ["MANIFEST", "SUMMARY", "RunError", "RunResult", "run", "default_outpu
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
+SETTINGS = "run.json"
+# The settings that shape the output files: a run may only resume one made with the same.
+OUTPUT_SETTINGS = ("k", "seed", "dither", "level", "refine_iter", "starts", "coarse_bits", "max_iter", "tol")
 
 
 class RunError(ValueError):
@@ -112,9 +115,10 @@ def _remove_stray_temporaries(out: Path) -> int:
     return removed
 
 
-def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> DoneSet:
-    """Make ``out`` ready and return what is already done there."""
+def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> DoneSet:
+    """Make ``out`` ready, record the settings, and return what is already done there."""
     manifest = out / MANIFEST
+    settings = {key: getattr(config, key) for key in OUTPUT_SETTINGS}
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
     if manifest.exists():
@@ -123,9 +127,22 @@ def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> DoneSet:
                 raise RunError(f"{out} holds a previous run: --resume finishes it, --overwrite starts over")
             manifest.unlink()
             return DoneSet()
+        try:
+            before = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if isinstance(before, dict) and before != settings:
+            changed = ", ".join(
+                f"{key}={before.get(key)!r}" for key in OUTPUT_SETTINGS if before.get(key) != settings[key]
+            )
+            raise RunError(
+                f"{out} was made with other settings ({changed}): rerun with them to resume, "
+                "or pass --no-resume --overwrite to start over"
+            )
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(f"{out} is not empty and holds no kmgpu run: choose another --out, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / SETTINGS, (json.dumps(settings, indent=2) + "\n").encode())
     _remove_stray_temporaries(out)
     if not manifest.exists():
         return DoneSet()
@@ -358,7 +375,7 @@ def run(
     device = resolve_device(config.device)
     out = out if out is not None else default_output(sources)
     _check_sources(sources, out)
-    done = _prepare_output(out, resume=resume, overwrite=overwrite)
+    done = _prepare_output(out, config, resume=resume, overwrite=overwrite)
     several = len(sources) > 1
 
     unreadable: list[str] = []

@@ -31,13 +31,15 @@ def test_version():
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("compress", "sweep", "demo"):
+    for command in ("run", "report", "compress", "sweep"):
         assert command in result.output
 
 
-def test_demo_writes_decodable_palette_pngs(tmp_path):
+def test_run_on_the_samples_prints_each_image(tmp_path):
+    """What scripts/demo runs: kmgpu run on the bundled photos, with --images."""
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--k", "16", "--device", "cpu", "--out", str(out)])
+    args = ["run", str(SAMPLES), "--out", str(out), "--k", "16", "--device", "cpu", "--images", "--no-progress"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = rows_of(result.output)
     for src in sample_paths():
@@ -49,10 +51,11 @@ def test_demo_writes_decodable_palette_pngs(tmp_path):
         if original.shape[2] == 1:
             assert np.all(decoded == decoded[:, :, :1])
             decoded = decoded[:, :, :1]
-        row = rows[src.name]
+        row = rows[written.name]
         assert int(row[3].replace(",", "")) == written.stat().st_size
         assert float(row[6]) == pytest.approx(psnr(original, decoded), abs=0.006)
         assert float(row[7]) == pytest.approx(ssim(original, decoded), abs=6e-5)
+    assert "4 done, 0 failed" in result.output
     assert not list(out.glob(".*.tmp"))
 
 

@@ -245,3 +245,14 @@ def test_several_sources_go_under_their_names(tmp_path):
     result = run_cli(tmp_path / "x", tmp_path / "y", "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     assert sorted(r["output"] for r in records(tmp_path / "o")) == ["x/p.png", "y/p.png"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo().save(src / "p.png")
+    assert run_cli(src, "--k", "8").exit_code == 0
+    other = run_cli(src, "--k", "16")
+    assert other.exit_code == 2 and "made with other settings (k=8)" in other.output
+    assert run_cli(src, "--k", "16", "--no-resume", "--overwrite").exit_code == 0
+    assert records(tmp_path / "photos_kmgpu")[0]["k"] == 16
