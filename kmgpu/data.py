@@ -141,16 +141,22 @@ class DoneSet:
 
 @dataclass
 class Sample:
-    """What a DataLoader worker hands to the main process for one item."""
+    """What a DataLoader worker hands to the main process for one item.
+
+    ``encoded`` is (PNG bytes, record) when the worker did the whole work.
+    """
 
     item: Item
     image: LoadedImage | None
     error: str | None
     decode_ms: float
+    encoded: tuple[bytes, dict] | None = None
 
 
 class DecodeDataset(IterableDataset):
     """Decodes the items still to do, in walk order, off the main process.
+
+    ``work``, when given, runs on each decoded sample in the worker too.
 
     With several workers (or ranks), worker ``w`` of ``W`` takes the items
     ``i`` with ``i % W == w``: the DataLoader hands the results back in the
@@ -165,7 +171,9 @@ class DecodeDataset(IterableDataset):
         max_pixels: int,
         prefix_sources: bool = False,
         shard: tuple[int, int] = (0, 1),
+        work: Callable[[Sample], Sample] | None = None,
     ):
+        self.work = work
         self.sources = sources
         self.done = done
         self.max_pixels = max_pixels
@@ -188,7 +196,8 @@ class DecodeDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for i, item in enumerate(self.todo()):
             if i % workers == worker:
-                yield self.decode(item)
+                sample = self.decode(item)
+                yield sample if self.work is None else self.work(sample)
 
     def decode(self, item: Item) -> Sample:
         t0 = time.perf_counter()

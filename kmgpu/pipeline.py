@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -260,16 +261,13 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _write_one(result: QuantizedImage, item: Item, out: Path, level: int, ms_before: float) -> dict:
-    """Encode, write atomically, measure: runs on a writer thread."""
+def _encode(result: QuantizedImage, item: Item, level: int, ms_before: float) -> tuple[bytes, dict]:
+    """Encode the PNG and measure it: the record of an image, but for the write."""
     t0 = time.perf_counter()
-    try:
-        n_out = write_atomic(out / item.rel, result.png_bytes(level=level))
-        quality, similarity = result.psnr, result.ssim
-    except (OSError, ValueError, RuntimeError) as err:
-        return _error_record(item, f"{item.path}: cannot write {item.rel}: {err}", ms_before, result.k)
+    data = result.png_bytes(level=level)
+    quality, similarity = result.psnr, result.ssim
     src = result.source
-    return {
+    record = {
         "source": str(item.path),
         "output": item.rel,
         "src": item.source,
@@ -279,9 +277,9 @@ def _write_one(result: QuantizedImage, item: Item, out: Path, level: int, ms_bef
         "k": result.k,
         "colors": len(result.palette),
         "bytes_in": src.bytes_in,
-        "bytes_out": n_out,
-        "ratio": round(src.bytes_in / n_out, 4),
-        "bpp": round(bits_per_pixel(n_out, src.width, src.height), 4),
+        "bytes_out": len(data),
+        "ratio": round(src.bytes_in / len(data), 4),
+        "bpp": round(bits_per_pixel(len(data), src.width, src.height), 4),
         "psnr": None if math.isinf(quality) else round(quality, 4),
         "ssim": round(similarity, 6),
         "ms": round(ms_before + 1e3 * (time.perf_counter() - t0), 2),
@@ -289,6 +287,49 @@ def _write_one(result: QuantizedImage, item: Item, out: Path, level: int, ms_bef
         "error": None,
         "notes": src.notes or None,
     }
+    return data, record
+
+
+def _write(out: Path, item: Item, data: bytes, record: dict) -> dict:
+    """Write one encoded image atomically; its record, or an error record if the write failed."""
+    try:
+        write_atomic(out / item.rel, data)
+    except OSError as err:
+        return _error_record(item, f"{item.path}: cannot write {item.rel}: {err}", record["ms"], record["k"])
+    return record
+
+
+def _encode_and_write(result: QuantizedImage, item: Item, out: Path, level: int, ms_before: float) -> dict:
+    """Encode, measure, write: runs on a writer thread."""
+    try:
+        data, record = _encode(result, item, level, ms_before)
+    except (ValueError, RuntimeError, MemoryError) as err:
+        return _error_record(item, f"{item.path}: cannot encode: {err}", ms_before, result.k)
+    return _write(out, item, data, record)
+
+
+def quantize_in_worker(sample: Sample, config: RunConfig) -> Sample:
+    """The whole per-image work but the write, in a DataLoader worker (the CPU path).
+
+    On a CPU the batched call does not pay (padding, and problems that wait
+    for the slowest of their batch); what pays is one image per process, on
+    every core. Each image seeds from its own path, so the bytes are those of
+    the batched path.
+    """
+    if sample.image is None:
+        return sample
+    t0 = time.perf_counter()
+    try:
+        (result,) = quantize_batch(
+            [sample.image], config.k, seed=config.seed, device="cpu", dither=config.dither,
+            keys=[item_key(sample.item.rel)], **config.fit_options(),
+        )  # fmt: skip
+        ms = sample.decode_ms + 1e3 * (time.perf_counter() - t0)
+        sample.encoded = _encode(result, sample.item, config.level, ms)
+    except (RuntimeError, ValueError, MemoryError) as err:
+        sample.error = f"{sample.item.path}: the fit failed ({' '.join(str(err).split())[:300]})"
+    sample.image = None  # the pixels need not travel back
+    return sample
 
 
 class _OrderedSink:
@@ -389,8 +430,17 @@ def run(
         names = ", ".join(sorted(s for s in {".jpg", ".png", ".webp", ".tif", ".bmp", ".gif"}))
         note(f"no images found in {', '.join(map(str, sources))} (looked for {names} and the like)")
 
-    dataset = DecodeDataset(sources, done, max_pixels=config.max_pixels, prefix_sources=several, shard=shard)
     workers = config.workers
+    # On the CPU with worker processes, the workers fit and encode too (see quantize_in_worker).
+    in_workers = device.type == "cpu" and workers > 0
+    dataset = DecodeDataset(
+        sources,
+        done,
+        max_pixels=config.max_pixels,
+        prefix_sources=several,
+        shard=shard,
+        work=functools.partial(quantize_in_worker, config=config) if in_workers else None,
+    )
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -420,6 +470,19 @@ def run(
         batch: list[Sample] = []
         pixels = 0
         for sample in loader:
+            if sample.encoded is not None or (in_workers and sample.error is not None):
+                # done in a worker: flush what waits before it, to keep the order
+                if batch:
+                    stopped |= _flush(batch, config, device, out, pool, sink, fail_fast)
+                    batch, pixels = [], 0
+                if sample.encoded is not None:
+                    sink.add(pool.submit(_write, out, sample.item, *sample.encoded))
+                else:
+                    sink.add(_error_record(sample.item, sample.error, sample.decode_ms, config.k))
+                    stopped |= fail_fast
+                if stopped:
+                    break
+                continue
             batch.append(sample)
             if sample.image is not None:
                 pixels += sample.image.width * sample.image.height
@@ -490,7 +553,7 @@ def _flush(batch: list[Sample], config: RunConfig, device, out: Path, pool, sink
             sink.add(_error_record(s.item, r, s.decode_ms + share, config.k))
             failed = True
         else:
-            sink.add(pool.submit(_write_one, r, s.item, out, config.level, s.decode_ms + share))
+            sink.add(pool.submit(_encode_and_write, r, s.item, out, config.level, s.decode_ms + share))
     return fail_fast and failed
 
 
