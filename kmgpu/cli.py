@@ -311,6 +311,8 @@ def run_command(
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)
     except (ConfigError, DeviceError, RunError) as err:
         _fail(str(err))
+    if not result.is_main:  # under torchrun, rank 0 speaks (and exits) for the job
+        raise typer.Exit(0)
     _print_failures(Path(result.summary["output"]))
     if images:
         _print_images(Path(result.summary["output"]))
@@ -367,7 +369,8 @@ def _print_summary(s: dict) -> None:
         ("time", f"{s.get('wall_seconds', 0):.1f} s wall, {s.get('images_per_second', 0):.2f} images/s,"
          f" {s.get('megapixels_per_second', 0):.2f} MP/s this run"),
         ("device", f"{s['versions']['device']}" + (f" ({s['versions']['device_name']})"
-                                                    if s["versions"].get("device_name") else "")),
+                                                    if s["versions"].get("device_name") else "")
+         + (f", {s['processes']} processes" if (s.get("processes") or 1) > 1 else "")),
         ("output", f"{s['output']}  (manifest.jsonl, summary.json)"),
     ]  # fmt: skip
     for name, text in lines:

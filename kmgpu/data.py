@@ -158,9 +158,10 @@ class DecodeDataset(IterableDataset):
 
     ``work``, when given, runs on each decoded sample in the worker too.
 
-    With several workers (or ranks), worker ``w`` of ``W`` takes the items
-    ``i`` with ``i % W == w``: the DataLoader hands the results back in the
-    walk's order.
+    With several workers, worker ``w`` of ``W`` takes the items ``i`` with
+    ``i % W == w``: the DataLoader hands the results back in the walk's
+    order. Under torchrun, ``shard`` says which of the items still to do are
+    this rank's (see :func:`kmgpu.distributed.pixel_shard`).
     """
 
     def __init__(
@@ -170,7 +171,7 @@ class DecodeDataset(IterableDataset):
         *,
         max_pixels: int,
         prefix_sources: bool = False,
-        shard: tuple[int, int] = (0, 1),
+        shard: np.ndarray | None = None,
         work: Callable[[Sample], Sample] | None = None,
     ):
         self.work = work
@@ -181,13 +182,12 @@ class DecodeDataset(IterableDataset):
         self.shard = shard
 
     def todo(self) -> Iterator[Item]:
-        """The items of this shard (rank) that are not done yet, in walk order."""
-        rank, world = self.shard
+        """The items not done yet, in walk order; with a ``shard`` mask over them, this rank's."""
         position = 0
         for item in scan(self.sources, prefix_sources=self.prefix_sources):
             if item.rel in self.done:
                 continue
-            if position % world == rank:
+            if self.shard is None or (position < self.shard.size and self.shard[position]):
                 yield item
             position += 1
 

@@ -38,6 +38,7 @@ from . import __version__
 from .config import RunConfig
 from .data import DecodeDataset, DoneSet, Item, Sample, identity_collate, item_key, scan, torch_threads_for_workers
 from .device import resolve_device
+from .distributed import from_environment, pixel_shard
 from .imageio import write_atomic
 from .metrics import bits_per_pixel
 from .quantize import QuantizedImage, quantize_batch
@@ -62,6 +63,7 @@ class RunResult:
     summary: dict
     exit_code: int
     notes: list[str] = field(default_factory=list)
+    is_main: bool = True
 
 
 def default_output(sources: list[Path]) -> Path:
@@ -145,6 +147,7 @@ def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / SETTINGS, (json.dumps(settings, indent=2) + "\n").encode())
     _remove_stray_temporaries(out)
+    _fold_rank_parts(out)
     if not manifest.exists():
         return DoneSet()
     # Keep the lines of the images that are done (recorded ok, output present), once each.
@@ -156,6 +159,30 @@ def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
             kept.append(json.dumps(record))
     write_atomic(manifest, "".join(line + "\n" for line in kept).encode())
     return DoneSet(seen)
+
+
+def _rank_part(out: Path, rank: int) -> Path:
+    return out / f"manifest.rank{rank}.jsonl"
+
+
+def _fold_rank_parts(out: Path) -> None:
+    """Append the records of each torchrun rank's part to the manifest, then remove the parts."""
+    parts = sorted(out.glob("manifest.rank*.jsonl"), key=lambda p: int(p.name[13:-6] or 0))
+    if not parts:
+        return
+    with open(out / MANIFEST, "a", encoding="utf-8") as whole:
+        for part in parts:
+            for record in read_manifest(part):
+                whole.write(json.dumps(record) + "\n")
+    for part in parts:
+        part.unlink()
+
+
+def _load_done(out: Path) -> DoneSet:
+    """What the manifest records as done (ok, output present): read-only, for ranks other than 0."""
+    return DoneSet(
+        r["output"] for r in read_manifest(out / MANIFEST) if r.get("status") == "ok" and (out / r["output"]).is_file()
+    )
 
 
 def _finalize_manifest(manifest: Path) -> None:
@@ -378,7 +405,6 @@ def run(
     overwrite: bool = False,
     fail_fast: bool = False,
     progress: bool = True,
-    shard: tuple[int, int] = (0, 1),
     note: Callable[[str], None] = lambda message: print(f"kmgpu: note: {message}", file=sys.stderr),
 ) -> RunResult:
     """Compress every image under ``sources`` into a mirrored tree under ``out``.
@@ -409,14 +435,35 @@ def run(
     RunError
         When the run cannot start.
     """
-    from tqdm import tqdm
 
     started = time.time()
     t_start = time.perf_counter()
-    device = resolve_device(config.device)
+    ctx = from_environment()
+    device = resolve_device(ctx.device(config.device))
+    ctx.start(device)
+    try:
+        return _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progress, note, started, t_start)
+    finally:
+        ctx.stop()
+
+
+def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progress, note, started, t_start):
+    from tqdm import tqdm
+
     out = out if out is not None else default_output(sources)
-    _check_sources(sources, out)
-    done = _prepare_output(out, config, resume=resume, overwrite=overwrite)
+    # Rank 0 prepares the output folder; every rank learns whether it could.
+    problem, done = None, DoneSet()
+    try:
+        _check_sources(sources, out)
+        if ctx.is_main:
+            done = _prepare_output(out, config, resume=resume, overwrite=overwrite)
+    except RunError as err:
+        problem = str(err)
+    problems = [p for p in ctx.gather(problem) if p]
+    if problems:
+        raise RunError(problems[0])
+    if not ctx.is_main:
+        done = _load_done(out)
     several = len(sources) > 1
 
     unreadable: list[str] = []
@@ -424,11 +471,17 @@ def run(
     for item in scan(sources, prefix_sources=several, on_error=unreadable.append):
         listed += 1
         skipped += item.rel in done
-    for message in unreadable:
-        note(message)
-    if listed == 0:
+    if ctx.is_main:
+        for message in unreadable:
+            note(message)
+    if listed == 0 and ctx.is_main:
         names = ", ".join(sorted(s for s in {".jpg", ".png", ".webp", ".tif", ".bmp", ".gif"}))
         note(f"no images found in {', '.join(map(str, sources))} (looked for {names} and the like)")
+    shard = None
+    if ctx.active:
+        todo = (item for item in scan(sources, prefix_sources=several) if item.rel not in done)
+        shard = pixel_shard(todo, ctx.rank, ctx.world)
+    mine = listed - skipped if shard is None else int(shard.sum())
 
     workers = config.workers
     # On the CPU with worker processes, the workers fit and encode too (see quantize_in_worker).
@@ -450,7 +503,14 @@ def run(
         prefetch_factor=4 if workers else None,
     )
     counters = _Counters()
-    bar = tqdm(total=listed - skipped, unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=mine,
+        unit="img",
+        disable=not progress or not ctx.is_main,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        desc=f"rank 0 of {ctx.world}" if ctx.active else None,
+    )
     t_loop = time.perf_counter()
 
     def on_record(record: dict) -> None:
@@ -463,7 +523,8 @@ def run(
         elapsed = max(time.perf_counter() - t_loop, 1e-9)
         bar.set_postfix_str(f"{counters.megapixels / elapsed:.2f} MP/s, {counters.failed} failed", refresh=False)
 
-    sink = _OrderedSink(out / MANIFEST, limit=2 * config.writers + config.batch_size, on_record=on_record)
+    records_to = _rank_part(out, ctx.rank) if ctx.active else out / MANIFEST
+    sink = _OrderedSink(records_to, limit=2 * config.writers + config.batch_size, on_record=on_record)
     pool = ThreadPoolExecutor(max_workers=config.writers, thread_name_prefix="kmgpu-writer")
     stopped = False
     try:
@@ -502,28 +563,48 @@ def run(
         sink.close()
         bar.close()
 
-    _finalize_manifest(out / MANIFEST)
-    wall = time.perf_counter() - t_start
-    totals = summarize(out / MANIFEST)
     loop = max(time.perf_counter() - t_loop, 1e-9)
-    summary = {
-        **totals,
-        "images_listed": listed,
-        "images_skipped": skipped,
+    mine_stats = {
+        "rank": ctx.rank,
+        "device": str(device),
         "images_processed": counters.processed,
-        "stopped_early": stopped,
-        "wall_seconds": round(wall, 3),
+        "images_failed": counters.failed,
+        "megapixels": round(counters.megapixels, 3),
+        "seconds": round(loop, 3),
         "images_per_second": round(counters.processed / loop, 3),
         "megapixels_per_second": round(counters.megapixels / loop, 3),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "sources": [str(s) for s in sources],
-        "output": str(out),
-        "config": config.as_dict(),
-        "versions": _versions(device),
+        "stopped_early": stopped,
     }
-    write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
-    failed = totals["images_failed"] > 0 or stopped
-    return RunResult(summary, 1 if failed else 0, unreadable)
+    ranks = ctx.gather(mine_stats)  # also the barrier: every part is complete after it
+    summary = None
+    if ctx.is_main:
+        _fold_rank_parts(out)
+        _finalize_manifest(out / MANIFEST)
+        totals = summarize(out / MANIFEST)
+        slowest = max(r["seconds"] for r in ranks)
+        processed = sum(r["images_processed"] for r in ranks)
+        megapixels = sum(r["megapixels"] for r in ranks)
+        summary = {
+            **totals,
+            "images_listed": listed,
+            "images_skipped": skipped,
+            "images_processed": processed,
+            "stopped_early": any(r["stopped_early"] for r in ranks),
+            "wall_seconds": round(time.perf_counter() - t_start, 3),
+            "images_per_second": round(processed / slowest, 3),
+            "megapixels_per_second": round(megapixels / slowest, 3),
+            "processes": ctx.world,
+            "ranks": ranks if ctx.active else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "sources": [str(s) for s in sources],
+            "output": str(out),
+            "config": config.as_dict(),
+            "versions": _versions(device),
+        }
+        write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    summary = ctx.gather(summary)[0]
+    failed = summary["images_failed"] > 0 or summary["stopped_early"]
+    return RunResult(summary, 1 if failed else 0, unreadable, is_main=ctx.is_main)
 
 
 def _flush(batch: list[Sample], config: RunConfig, device, out: Path, pool, sink: _OrderedSink, fail_fast) -> bool:

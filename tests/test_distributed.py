@@ -1,0 +1,120 @@
+"""kmgpu run under torchrun: two CPU processes with the gloo backend."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kmgpu.data import Item
+from kmgpu.distributed import Dist, from_environment, pixel_shard
+from kmgpu.pipeline import MANIFEST, SUMMARY, read_manifest
+
+from .images import photo
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ARGS = ["--k", "16", "--device", "cpu", "--workers", "0", "--batch-size", "3", "--no-progress"]
+
+
+def make_photos(root: Path, count: int = 14) -> None:
+    base = np.asarray(photo((160, 120)))
+    for i in range(count):
+        sub = root / f"d{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        side = 40 + 20 * (i % 5)  # several sizes, so pixels and file counts disagree
+        Image.fromarray(np.roll(base, 11 * i, axis=0)[:side, : side + 10]).save(sub / f"p{i:02d}.png")
+    (root / "d1" / "broken.png").write_bytes(b"not a png")
+
+
+def single(src: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kmgpu", "run", str(src), "--out", str(out), *ARGS], env=ENV,
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def torchrun(nproc: int, src: Path, out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "kmgpu", "run", str(src), "--out", str(out), *ARGS]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+
+
+def lines(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "ms"} for r in read_manifest(out / MANIFEST)]
+
+
+def same_outputs(a: Path, b: Path) -> None:
+    names = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert names == sorted(p.relative_to(b) for p in b.rglob("*.png")) and len(names) == 14
+    for rel in names:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_two_processes_equal_one(tmp_path):
+    src = tmp_path / "photos"
+    make_photos(src)
+    one = single(src, tmp_path / "one")
+    two = torchrun(2, src, tmp_path / "two")
+    assert one.returncode == 1 and two.returncode == 1, two.stderr[-3000:]  # the broken file
+    same_outputs(tmp_path / "one", tmp_path / "two")
+    assert lines(tmp_path / "one") == lines(tmp_path / "two")  # one merged manifest, same order
+    assert not list((tmp_path / "two").glob("manifest.rank*"))
+    s1 = json.loads((tmp_path / "one" / SUMMARY).read_text())
+    s2 = json.loads((tmp_path / "two" / SUMMARY).read_text())
+    for key in ("images_done", "images_failed", "bytes_in", "bytes_out", "psnr_mean", "ssim_mean"):
+        assert s1[key] == s2[key], key
+    assert s2["processes"] == 2 and [r["rank"] for r in s2["ranks"]] == [0, 1]
+    assert sum(r["images_processed"] for r in s2["ranks"]) == 15
+    assert all(r["images_processed"] > 0 for r in s2["ranks"])
+    assert "2 processes" in two.stdout and "14 done, 1 failed" in two.stdout
+
+
+def test_resume_with_another_process_count(tmp_path):
+    src = tmp_path / "photos"
+    make_photos(src)
+    whole = tmp_path / "whole"
+    single(src, whole)
+    half = tmp_path / "half"
+    single(src, half)
+    records = list(read_manifest(half / MANIFEST))
+    (half / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records[:6]))  # as if killed
+    for r in records[6:]:
+        if r["status"] == "ok":
+            (half / r["output"]).unlink()
+    resumed = torchrun(2, src, half)
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    summary = json.loads((half / SUMMARY).read_text())
+    kept_ok = sum(r["status"] == "ok" for r in records[:6])  # a failure among them is tried again
+    assert summary["images_skipped"] == kept_ok and summary["images_processed"] == 15 - kept_ok
+    same_outputs(whole, half)
+    assert lines(whole) == lines(half)
+
+
+def item(i: int) -> Item:
+    return Item(0, Path(f"/nowhere/{i}.png"), f"{i}.png", (0, f"{i}.png"))
+
+
+def test_pixel_shard_is_contiguous_balanced_and_complete(tmp_path, monkeypatch):
+    sizes = [1000, 10, 10, 10, 10, 10, 10, 10, 10, 10, 500, 500]
+    monkeypatch.setattr("kmgpu.distributed._pixels", lambda it: sizes[int(it.rel.split(".")[0])])
+    masks = [pixel_shard([item(i) for i in range(len(sizes))], rank, 3) for rank in range(3)]
+    assert np.array_equal(np.sum(masks, axis=0), np.ones(len(sizes)))  # each image exactly once
+    for m in masks:
+        idx = np.nonzero(m)[0]
+        assert idx.size and np.all(np.diff(idx) == 1)  # contiguous: walk order per rank
+    loads = [sum(s for s, keep in zip(sizes, m) if keep) for m in masks]
+    assert max(loads) - min(loads) <= 1000  # within one image of even, by pixels not count
+    assert masks[0].sum() == 1  # the big image alone
+
+
+def test_without_torchrun_nothing_changes(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = from_environment()
+    assert not ctx.active and ctx.is_main and ctx.device("auto") == "auto"
+    assert ctx.gather({"x": 1}) == [{"x": 1}]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert from_environment() == Dist(3, 4, 1)
