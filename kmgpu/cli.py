@@ -400,3 +400,40 @@ def report(
         _print_images(out_dir)
     _print_summary(summary)
     raise typer.Exit(1 if summary.get("images_failed") else 0)
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help="Comma-separated devices; cuda is skipped where there is none.")] = (
+        "cpu,cuda"
+    ),
+    k: Annotated[str, typer.Option("--k", "-k", help="Comma-separated palette sizes.")] = "16,64,256",
+    images: Annotated[
+        Path | None, typer.Option(help="A folder of images [default: the samples, cut into a few hundred].")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Small shapes, few images and repeats: under a minute.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Measure the engine, the whole run and the peers, on CPU and GPU, in one process."""
+    import torch
+
+    from .bench import format_report, run_bench, to_json
+    from .imageio import write_atomic
+
+    ks = _parse_ks(k)
+    devices = []
+    for name in (d.strip() for d in device.split(",") if d.strip()):
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            _note(f"{name}: no CUDA GPU here, skipped")
+            continue
+        devices.append(_device(name))
+    if not devices:
+        _fail(f"--device {device!r}: no device to measure")
+    if images is not None and not images.is_dir():
+        _fail(f"--images {images}: not a folder")
+    result = run_bench(devices, ks, images=images, quick=quick, progress=progress)
+    typer.echo(format_report(result))
+    if json_path is not None:
+        write_atomic(json_path, to_json(result).encode())
+        typer.echo(f"\nwrote {json_path}")

@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +151,7 @@ class Sample:
     error: str | None
     decode_ms: float
     encoded: tuple[bytes, dict] | None = None
+    stages: dict = field(default_factory=dict)
 
 
 class DecodeDataset(IterableDataset):

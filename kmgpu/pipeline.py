@@ -42,6 +42,7 @@ from .distributed import from_environment, pixel_shard
 from .imageio import write_atomic
 from .metrics import bits_per_pixel
 from .quantize import QuantizedImage, quantize_batch
+from .timing import StageClock
 
 __all__ = ["MANIFEST", "SUMMARY", "RunError", "RunResult", "run", "default_output", "summarize", "read_manifest"]
 
@@ -288,11 +289,13 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _encode(result: QuantizedImage, item: Item, level: int, ms_before: float) -> tuple[bytes, dict]:
+def _encode(result: QuantizedImage, item: Item, level: int, ms_before: float, clock: StageClock) -> tuple[bytes, dict]:
     """Encode the PNG and measure it: the record of an image, but for the write."""
     t0 = time.perf_counter()
-    data = result.png_bytes(level=level)
-    quality, similarity = result.psnr, result.ssim
+    with clock.stage("encode"):
+        data = result.png_bytes(level=level)
+    with clock.stage("metrics"):
+        quality, similarity = result.psnr, result.ssim
     src = result.source
     record = {
         "source": str(item.path),
@@ -317,22 +320,25 @@ def _encode(result: QuantizedImage, item: Item, level: int, ms_before: float) ->
     return data, record
 
 
-def _write(out: Path, item: Item, data: bytes, record: dict) -> dict:
+def _write(out: Path, item: Item, data: bytes, record: dict, clock: StageClock) -> dict:
     """Write one encoded image atomically; its record, or an error record if the write failed."""
     try:
-        write_atomic(out / item.rel, data)
+        with clock.stage("write"):
+            write_atomic(out / item.rel, data)
     except OSError as err:
         return _error_record(item, f"{item.path}: cannot write {item.rel}: {err}", record["ms"], record["k"])
     return record
 
 
-def _encode_and_write(result: QuantizedImage, item: Item, out: Path, level: int, ms_before: float) -> dict:
+def _encode_and_write(
+    result: QuantizedImage, item: Item, out: Path, level: int, ms_before: float, clock: StageClock
+) -> dict:
     """Encode, measure, write: runs on a writer thread."""
     try:
-        data, record = _encode(result, item, level, ms_before)
+        data, record = _encode(result, item, level, ms_before, clock)
     except (ValueError, RuntimeError, MemoryError) as err:
         return _error_record(item, f"{item.path}: cannot encode: {err}", ms_before, result.k)
-    return _write(out, item, data, record)
+    return _write(out, item, data, record, clock)
 
 
 def quantize_in_worker(sample: Sample, config: RunConfig) -> Sample:
@@ -341,21 +347,23 @@ def quantize_in_worker(sample: Sample, config: RunConfig) -> Sample:
     On a CPU the batched call does not pay (padding, and problems that wait
     for the slowest of their batch); what pays is one image per process, on
     every core. Each image seeds from its own path, so the bytes are those of
-    the batched path.
+    the batched path. The stage times travel back in ``sample.stages``.
     """
     if sample.image is None:
         return sample
+    clock = StageClock()
     t0 = time.perf_counter()
     try:
         (result,) = quantize_batch(
             [sample.image], config.k, seed=config.seed, device="cpu", dither=config.dither,
-            keys=[item_key(sample.item.rel)], **config.fit_options(),
+            keys=[item_key(sample.item.rel)], clock=clock, **config.fit_options(),
         )  # fmt: skip
         ms = sample.decode_ms + 1e3 * (time.perf_counter() - t0)
-        sample.encoded = _encode(result, sample.item, config.level, ms)
+        sample.encoded = _encode(result, sample.item, config.level, ms, clock)
     except (RuntimeError, ValueError, MemoryError) as err:
         sample.error = f"{sample.item.path}: the fit failed ({' '.join(str(err).split())[:300]})"
     sample.image = None  # the pixels need not travel back
+    sample.stages = clock.seconds
     return sample
 
 
@@ -503,6 +511,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         prefetch_factor=4 if workers else None,
     )
     counters = _Counters()
+    clock = StageClock(device)
     bar = tqdm(
         total=mine,
         unit="img",
@@ -531,13 +540,15 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         batch: list[Sample] = []
         pixels = 0
         for sample in loader:
+            clock.add({"decode": sample.decode_ms / 1e3})
             if sample.encoded is not None or (in_workers and sample.error is not None):
                 # done in a worker: flush what waits before it, to keep the order
                 if batch:
-                    stopped |= _flush(batch, config, device, out, pool, sink, fail_fast)
+                    stopped |= _flush(batch, config, device, out, pool, sink, fail_fast, clock)
                     batch, pixels = [], 0
+                clock.add(sample.stages)
                 if sample.encoded is not None:
-                    sink.add(pool.submit(_write, out, sample.item, *sample.encoded))
+                    sink.add(pool.submit(_write, out, sample.item, *sample.encoded, clock))
                 else:
                     sink.add(_error_record(sample.item, sample.error, sample.decode_ms, config.k))
                     stopped |= fail_fast
@@ -550,12 +561,12 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
             elif fail_fast:
                 stopped = True
             if stopped or len(batch) >= config.batch_size or pixels >= config.batch_pixels:
-                stopped |= _flush(batch, config, device, out, pool, sink, fail_fast)
+                stopped |= _flush(batch, config, device, out, pool, sink, fail_fast, clock)
                 batch, pixels = [], 0
             if stopped:
                 break
         if batch and not stopped:
-            _flush(batch, config, device, out, pool, sink, fail_fast)
+            _flush(batch, config, device, out, pool, sink, fail_fast, clock)
         sink.drain()
     finally:
         pool.shutdown(wait=True)
@@ -574,6 +585,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         "images_per_second": round(counters.processed / loop, 3),
         "megapixels_per_second": round(counters.megapixels / loop, 3),
         "stopped_early": stopped,
+        "stage_seconds": {name: round(value, 3) for name, value in sorted(clock.seconds.items())},
     }
     ranks = ctx.gather(mine_stats)  # also the barrier: every part is complete after it
     summary = None
@@ -593,6 +605,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
             "wall_seconds": round(time.perf_counter() - t_start, 3),
             "images_per_second": round(processed / slowest, 3),
             "megapixels_per_second": round(megapixels / slowest, 3),
+            "stage_seconds": _sum_stages(r["stage_seconds"] for r in ranks),
             "processes": ctx.world,
             "ranks": ranks if ctx.active else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -607,7 +620,18 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     return RunResult(summary, 1 if failed else 0, unreadable, is_main=ctx.is_main)
 
 
-def _flush(batch: list[Sample], config: RunConfig, device, out: Path, pool, sink: _OrderedSink, fail_fast) -> bool:
+def _sum_stages(parts) -> dict:
+    """Stage seconds added over ranks: time spent per stage, over all processes and threads."""
+    total: dict[str, float] = {}
+    for part in parts:
+        for name, value in part.items():
+            total[name] = round(total.get(name, 0.0) + value, 3)
+    return total
+
+
+def _flush(
+    batch: list[Sample], config: RunConfig, device, out: Path, pool, sink: _OrderedSink, fail_fast, clock: StageClock
+) -> bool:
     """Fit the decoded images of ``batch`` in one batched call and hand them to the writers, in order.
 
     Returns True when ``fail_fast`` and something failed.
@@ -617,7 +641,7 @@ def _flush(batch: list[Sample], config: RunConfig, device, out: Path, pool, sink
     t0 = time.perf_counter()
     if good:
         try:
-            fitted = _fit(good, config, device)
+            fitted = _fit(good, config, device, clock)
             results = {id(s): r for s, r in zip(good, fitted)}
         except (RuntimeError, ValueError, MemoryError) as err:
             message = " ".join(str(err).split())[:300]
@@ -634,11 +658,11 @@ def _flush(batch: list[Sample], config: RunConfig, device, out: Path, pool, sink
             sink.add(_error_record(s.item, r, s.decode_ms + share, config.k))
             failed = True
         else:
-            sink.add(pool.submit(_encode_and_write, r, s.item, out, config.level, s.decode_ms + share))
+            sink.add(pool.submit(_encode_and_write, r, s.item, out, config.level, s.decode_ms + share, clock))
     return fail_fast and failed
 
 
-def _fit(samples: list[Sample], config: RunConfig, device) -> list[QuantizedImage]:
+def _fit(samples: list[Sample], config: RunConfig, device, clock: StageClock) -> list[QuantizedImage]:
     """One batched engine call; on CUDA out of memory, the batch is split in halves."""
     try:
         return quantize_batch(
@@ -648,6 +672,7 @@ def _fit(samples: list[Sample], config: RunConfig, device) -> list[QuantizedImag
             device=device,
             dither=config.dither,
             keys=[item_key(s.item.rel) for s in samples],
+            clock=clock,
             **config.fit_options(),
         )
     except torch.cuda.OutOfMemoryError:
@@ -655,4 +680,4 @@ def _fit(samples: list[Sample], config: RunConfig, device) -> list[QuantizedImag
             raise
         torch.cuda.empty_cache()
         half = len(samples) // 2
-        return _fit(samples[:half], config, device) + _fit(samples[half:], config, device)
+        return _fit(samples[:half], config, device, clock) + _fit(samples[half:], config, device, clock)

@@ -43,6 +43,7 @@ from .imageio import (
 )
 from .kmeans import assign, kmeans
 from .metrics import psnr, ssim
+from .timing import StageClock, stage
 
 __all__ = [
     "ColorHistogram",
@@ -178,7 +179,7 @@ def _coarse_bins(colors, counts, colors_of: _Ragged, bits: int, n_images: int):
 
 
 def _fit_group(
-    colors, counts, colors_of, group, k, keys, bins, *, seed, max_iter, tol, refine_iter, coarse_n_init, device
+    colors, counts, colors_of, group, k, keys, bins, *, seed, max_iter, tol, refine_iter, coarse_n_init, device, clock
 ):
     """Fit the images ``group`` (indices into the batch) in batched engine calls.
 
@@ -191,24 +192,27 @@ def _fit_group(
     """
     rows = group.to(device)
     options = dict(tol=tol, seed=seed, problem_keys=keys, device=device)
-    distinct = colors_of.pad(colors.float(), rows)
-    weight = colors_of.pad(counts.float(), rows)
+    with stage(clock, "colors"):
+        distinct = colors_of.pad(colors.float(), rows)
+        weight = colors_of.pad(counts.float(), rows)
     init, limit, iters = "k-means++", max_iter, torch.zeros(group.numel(), dtype=torch.int64)
-    if bins is not None:
-        means, bins_of, bin_counts = bins
-        coarse = kmeans(
-            bins_of.pad(means, rows),
-            k,
-            bins_of.pad(bin_counts.float(), rows),
-            max_iter=max_iter,
-            n_init=coarse_n_init,
-            **options,
-        )
-        init, limit, iters = coarse.centers, refine_iter, coarse.n_iter.cpu()
-    fine = kmeans(distinct, k, weight, init=init, max_iter=limit, **options)
-    # Round to the palette that is stored, and give each color its nearest stored entry.
-    stored = fine.centers.round().clamp(0, 255).to(torch.uint8)
-    labels, _ = assign(distinct, stored.float(), n_clusters=k.to(device))
+    with stage(clock, "fit"):
+        if bins is not None:
+            means, bins_of, bin_counts = bins
+            coarse = kmeans(
+                bins_of.pad(means, rows),
+                k,
+                bins_of.pad(bin_counts.float(), rows),
+                max_iter=max_iter,
+                n_init=coarse_n_init,
+                **options,
+            )
+            init, limit, iters = coarse.centers, refine_iter, coarse.n_iter.cpu()
+        fine = kmeans(distinct, k, weight, init=init, max_iter=limit, **options)
+    with stage(clock, "assign"):
+        # Round to the palette that is stored, and give each color its nearest stored entry.
+        stored = fine.centers.round().clamp(0, 255).to(torch.uint8)
+        labels, _ = assign(distinct, stored.float(), n_clusters=k.to(device))
     return stored, labels, iters + fine.n_iter.cpu()
 
 
@@ -224,6 +228,7 @@ def fit_palettes(
     coarse_n_init: int | None = None,
     max_iter: int = 300,
     tol: float = 1e-4,
+    clock: StageClock | None = None,
 ) -> list[Palette]:
     """Fit a palette to each image of a batch, in batched calls of the engine.
 
@@ -252,6 +257,8 @@ def fit_palettes(
         1 above.
     max_iter, tol
         Limits of the coarse fit (see :func:`kmgpu.kmeans.kmeans`).
+    clock : StageClock, optional
+        Adds the time of the stages "colors", "fit" and "assign" to it.
 
     Returns
     -------
@@ -274,16 +281,16 @@ def fit_palettes(
         coarse_n_init = 3 if int(ks.max()) <= 32 else 1
 
     sizes = torch.tensor([im.shape[0] for im in images])
-    pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images])
-    if dev.type == "cuda":  # pinned pages let the copy run asynchronously
-        pixels = pixels.pin_memory()
-    pixels = pixels.to(dev, non_blocking=True)
-    image_of = torch.repeat_interleave(torch.arange(n, device=dev), sizes.to(dev))
-
-    # 1. Every image's distinct colors with their counts, all in one sort.
-    color_keys, colors_of, inverse, counts = _grouped_unique(image_of, _pack(pixels, 8), n)
-    colors = _unpack(color_keys, pixels.shape[1])
-    n_colors = colors_of.sizes.cpu()
+    with stage(clock, "colors"):
+        pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images])
+        if dev.type == "cuda":  # pinned pages let the copy run asynchronously
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(dev, non_blocking=True)
+        image_of = torch.repeat_interleave(torch.arange(n, device=dev), sizes.to(dev))
+        # 1. Every image's distinct colors with their counts, all in one sort.
+        color_keys, colors_of, inverse, counts = _grouped_unique(image_of, _pack(pixels, 8), n)
+        colors = _unpack(color_keys, pixels.shape[1])
+        n_colors = colors_of.sizes.cpu()
     label_of_color = colors_of.slot.clone()  # images with <= k colors keep them all, exactly
     palettes: list[torch.Tensor | None] = [None] * n
     n_iters = [0] * n
@@ -293,12 +300,19 @@ def fit_palettes(
 
     if fit.numel():
         if coarse_bits < 8:
-            bins = _coarse_bins(colors, counts, colors_of, coarse_bits, n)
+            with stage(clock, "colors"):
+                bins = _coarse_bins(colors, counts, colors_of, coarse_bits, n)
             coarse = bins[1].sizes.cpu()[fit] > ks[fit]
         else:
             bins, coarse = None, torch.zeros(fit.numel(), dtype=torch.bool)
         opts = dict(
-            seed=seed, max_iter=max_iter, tol=tol, refine_iter=refine_iter, coarse_n_init=coarse_n_init, device=dev
+            seed=seed,
+            max_iter=max_iter,
+            tol=tol,
+            refine_iter=refine_iter,
+            coarse_n_init=coarse_n_init,
+            device=dev,
+            clock=clock,
         )
         for group, with_bins in ((fit[coarse], bins), (fit[~coarse], None)):
             if group.numel() == 0:
@@ -315,7 +329,8 @@ def fit_palettes(
                 palettes[b] = stored[i, : int(ks[b])]
                 n_iters[b] = int(iters[i])
 
-    indices = label_of_color[inverse].to(torch.uint8).split(sizes.tolist())
+    with stage(clock, "assign"):
+        indices = label_of_color[inverse].to(torch.uint8).split(sizes.tolist())
     return [Palette(palettes[b], indices[b], n_iters[b]) for b in range(n)]
 
 
@@ -456,6 +471,7 @@ def quantize_batch(
     dither: str = "none",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keys: Sequence[int] | None = None,
+    clock: StageClock | None = None,
     **options,
 ) -> list[QuantizedImage]:
     """Quantize many images in batched engine calls (one per channel layout).
@@ -475,18 +491,21 @@ def quantize_batch(
         members = [i for i, im in enumerate(loaded) if im.pixels.shape[2] == channels]
         t0 = time.perf_counter()
         flats = [torch.from_numpy(loaded[i].pixels.reshape(-1, channels)) for i in members]
-        palettes = fit_palettes(flats, int(k), seed=seed, keys=[keys[i] for i in members], device=device, **options)
+        palettes = fit_palettes(
+            flats, int(k), seed=seed, keys=[keys[i] for i in members], device=device, clock=clock, **options
+        )
         share = (time.perf_counter() - t0) / len(members)
         for i, pal in zip(members, palettes):
             src = loaded[i]
             t1 = time.perf_counter()
-            colors = pal.colors.cpu().numpy()
-            if dither == "fs" and channels in (1, 3):
-                indices = _dither_fs(src.pixels, colors)
-            else:
-                if dither == "fs":
-                    src.notes.append("dithering is not applied to images with transparency")
-                indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
+            with stage(clock, "assign"):
+                colors = pal.colors.cpu().numpy()
+                if dither == "fs" and channels in (1, 3):
+                    indices = _dither_fs(src.pixels, colors)
+                else:
+                    if dither == "fs":
+                        src.notes.append("dithering is not applied to images with transparency")
+                    indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
             seconds = share + time.perf_counter() - t1
             results[i] = QuantizedImage(colors, indices, src, int(k), dither, seconds, pal.n_iter)
     return results  # type: ignore[return-value]

@@ -1,0 +1,52 @@
+import importlib.util
+import json
+import math
+
+from typer.testing import CliRunner
+
+from kmgpu.cli import app
+
+runner = CliRunner()
+
+
+def finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_cpu_bench_json(tmp_path, monkeypatch):
+    # Peers that are missing are skipped, not failed: hide scikit-learn and pngquant.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("sklearn", "faiss") else real_find_spec(name, *a)
+    )
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    out = tmp_path / "bench.json"
+    result = runner.invoke(
+        app, ["bench", "--quick", "--device", "cpu", "--k", "16", "--json", str(out), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert {"machine", "peaks", "engine", "end_to_end", "peers"} <= set(r)
+    assert r["machine"]["cpu_cores"] >= 1 and r["machine"]["torch"]
+    assert all(finite_positive(v) for v in r["peaks"]["cpu"].values())
+    assert len(r["engine"]) == 2
+    for row in r["engine"]:
+        for key in ("pixel_iterations_per_second", "gflops", "gbps", "fits_per_second", "fraction_of_fma_peak"):
+            assert finite_positive(row[key]), (key, row)
+    (e2e,) = r["end_to_end"]
+    assert e2e["images"] == 12 and finite_positive(e2e["megapixels_per_second"])
+    assert {"decode", "colors", "fit", "assign", "encode", "metrics", "write"} <= set(e2e["stage_seconds"])
+    assert abs(sum(e2e["stage_fractions"].values()) - 1) < 1e-9
+    peers = {p["method"]: p for p in r["peers"]}
+    for skipped in ("sklearn KMeans", "sklearn MiniBatchKMeans", "faiss Kmeans", "pngquant --nofs"):
+        assert peers[skipped]["status"] == "skipped" and peers[skipped]["reason"] == "not installed"
+    for ran in ("kmgpu", "Pillow median cut", "Pillow fast octree"):
+        assert peers[ran]["status"] == "ok" and finite_positive(peers[ran]["seconds_per_megapixel"])
+        assert finite_positive(peers[ran]["psnr"])
+    assert peers["kmgpu"]["psnr"] > peers["Pillow median cut"]["psnr"]
+    assert "skipped (not installed)" in result.output and "end to end" in result.output
+
+
+def test_bench_without_a_device(tmp_path):
+    result = runner.invoke(app, ["bench", "--device", "tpu", "--quick"])
+    assert result.exit_code == 2 and "is not a device" in result.output
