@@ -7,6 +7,8 @@ stderr, and the others are still done); 2 bad usage (one line on stderr).
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -292,6 +294,9 @@ def run_command(
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first image that fails.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     images: Annotated[bool, typer.Option("--images", help="Also print one line per image at the end.")] = False,
+    nproc: Annotated[
+        int, typer.Option(help="Processes on this machine (one per GPU): runs itself under torchrun.", min=1)
+    ] = 1,
 ) -> None:
     """Compress every image under SRC into a mirrored tree of palette PNGs, with a record of each.
 
@@ -302,6 +307,8 @@ def run_command(
     from .device import DeviceError
     from .pipeline import RunError, run
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(nproc)
     try:
         cfg = load_config(
             config, k=k, device=device, batch_size=batch_size, batch_pixels=batch_pixels, workers=workers,
@@ -318,6 +325,26 @@ def run_command(
         _print_images(Path(result.summary["output"]))
     _print_summary(result.summary)
     raise typer.Exit(result.exit_code)
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """``kmgpu run ... --nproc N`` is ``torchrun --standalone --nproc_per_node=N -m kmgpu run ...``."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "kmgpu", *args])
+    except ChildFailedError:
+        raise typer.Exit(1) from None
+    raise typer.Exit(0)
 
 
 def _print_failures(out_dir: Path, most: int = 20) -> None:

@@ -118,3 +118,14 @@ def test_without_torchrun_nothing_changes(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert from_environment() == Dist(3, 4, 1)
+
+
+def test_nproc_is_torchrun_in_short(tmp_path):
+    src = tmp_path / "photos"
+    make_photos(src, count=6)
+    (src / "d1" / "broken.png").unlink()
+    cmd = [sys.executable, "-m", "kmgpu", "run", str(src), "--out", str(tmp_path / "o"), *ARGS, "--nproc", "2"]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "o" / SUMMARY).read_text())
+    assert summary["processes"] == 2 and summary["images_done"] == 6
