@@ -178,8 +178,8 @@ def bench_engine(device: torch.device, ks: list[int], quick: bool, peaks: dict, 
     return rows
 
 
-def build_folder(folder: Path, count: int, seed: int = 0) -> float:
-    """``count`` PNGs cut from the bundled samples at several scales; returns their megapixels."""
+def build_folder(folder: Path, count: int, seed: int = 0, size: tuple[int, int] | None = None) -> float:
+    """``count`` PNGs cut from the bundled samples at several scales (or all of ``size``); returns their megapixels."""
     rng = random.Random(seed)
     sources = []
     for name in ("astronaut.png", "coffee.png", "rocket.jpg", "camera.png"):
@@ -189,10 +189,10 @@ def build_folder(folder: Path, count: int, seed: int = 0) -> float:
     for i in range(count):
         im = sources[i % len(sources)]
         scale = rng.choice([0.35, 0.5, 0.7, 1.0])
-        w, h = int(im.width * scale), int(im.height * scale)
+        w, h = size or (int(im.width * scale), int(im.height * scale))
         left, top = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
         crop = im.crop((left, top, left + w, top + h))
-        if rng.random() < 0.5:
+        if size is None and rng.random() < 0.5:
             crop = crop.resize((int(w * 1.3), int(h * 1.3)), Image.Resampling.BICUBIC)
         sub = folder / f"set{i % 7}"
         sub.mkdir(parents=True, exist_ok=True)
@@ -383,7 +383,11 @@ def format_report(r: dict) -> str:
              f"torch {m['torch']}, CUDA {m['cuda']}; kmgpu {m['kmgpu']}"]  # fmt: skip
     for gpu in m["gpus"]:
         lines.append(f"gpu: {gpu['name']}, {gpu['memory_gib']} GiB")
-    lines.append("\nmeasured limits: copy GB/s, FP32 matrix product TFLOP/s, FP32 multiply-add loop TFLOP/s")
+    lines.append(
+        "\nmeasured limits: copy GB/s, FP32 matrix product TFLOP/s, FP32 multiply-add loop TFLOP/s\n"
+        "  (the multiply-add loop runs eager PyTorch operations: on a CPU it is bound by memory and per-operation\n"
+        "  overhead, so there the matrix product is the arithmetic limit to read against)"
+    )
     for dev, p in r["peaks"].items():
         lines.append(
             f"  {dev:<5} copy {p['copy_gbps']:8.1f}   matmul {p['matmul_tflops']:7.3f}   fma {p['fma_tflops']:7.3f}"
@@ -411,7 +415,10 @@ def format_report(r: dict) -> str:
             f"images/s, {e['megapixels_per_second']:.2f} MP/s, PSNR {e['psnr_mean']:.2f} dB"
         )
         lines.append(f"        {shares}")
-    lines.append("\npeers on the same images: seconds per megapixel and PSNR of the pooled squared error")
+    lines.append(
+        "\npeers on the same images: seconds per megapixel and PSNR of the pooled squared error\n"
+        "  (in-process methods start from decoded pixels; pngquant's time includes its process start and PNG I/O)"
+    )
     for p in r["peers"]:
         if p["status"] == "skipped":
             lines.append(f"  k={p['k']:<4}{p['method']:<26}skipped ({p['reason']})")

@@ -19,7 +19,6 @@ On CUDA it also times one batched call on many one-megapixel photos.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 import warnings
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kmgpu import KMeansWarning, kmeans
+from kmgpu import KMeansWarning, bench, kmeans
 from kmgpu.imageio import SAMPLES_DIR
 from kmgpu.kmeans import assign
 from kmgpu.metrics import psnr
@@ -147,16 +146,10 @@ def run_batched(device: torch.device, count: int, k: int, repeats: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}"
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        text += f"; {p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    m = bench.machine()
+    text = f"{m['cpu']}, {m['torch_threads']} torch threads; torch {m['torch']}"
+    for gpu in m["gpus"]:
+        text += f"; {gpu['name']}, {gpu['memory_gib']:.0f} GiB, CUDA {m['cuda']}"
     return text
 
 

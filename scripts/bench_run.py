@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -39,34 +38,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kmgpu.imageio import SAMPLES_DIR  # noqa: E402
+from kmgpu import bench  # noqa: E402
 from kmgpu.metrics import psnr  # noqa: E402
 
 
-def build_folder(folder: Path, count: int, seed: int = 0, tiny: bool = False) -> float:
-    """``count`` PNGs cut from the samples at several scales; returns the megapixels written."""
-    rng = random.Random(seed)
-    sources = []
-    for name in ("astronaut.png", "coffee.png", "rocket.jpg", "camera.png"):
-        with Image.open(SAMPLES_DIR / name) as im:
-            sources.append(im.convert("RGB") if name != "camera.png" else im.convert("L"))
-    pixels = 0
-    for i in range(count):
-        im = sources[i % len(sources)]
-        if tiny:
-            w, h = 32, 24
-        else:
-            scale = rng.choice([0.35, 0.5, 0.7, 1.0])
-            w, h = int(im.width * scale), int(im.height * scale)
-        left, top = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
-        crop = im.crop((left, top, left + w, top + h))
-        if not tiny and rng.random() < 0.5:
-            crop = crop.resize((int(w * 1.3), int(h * 1.3)), Image.Resampling.BICUBIC)
-        sub = folder / f"set{i % 7}"
-        sub.mkdir(parents=True, exist_ok=True)
-        crop.save(sub / f"img{i:05d}.png", compress_level=1)
-        pixels += crop.width * crop.height
-    return pixels / 1e6
+def build_folder(folder: Path, count: int, tiny: bool = False) -> float:
+    return bench.build_folder(folder, count, size=(32, 24) if tiny else None)
 
 
 def peak_rss_of(cmd: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
