@@ -194,7 +194,7 @@ def sweep(
     image: Annotated[Path, typer.Argument(help="The image to sweep.", show_default=False)],
     k: Annotated[str, typer.Option("--k", "-k", help="Comma-separated palette sizes.")] = "2,4,8,16,32,64,128,256",
     out_dir: Annotated[
-        Path | None, typer.Option("--out-dir", help="Folder for the results [default: ./STEM-sweep].")
+        Path | None, typer.Option("--out-dir", help="Folder for the results. Default: ./STEM-sweep.")
     ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -267,30 +267,28 @@ def run_command(
     sources: Annotated[
         list[Path], typer.Argument(help="Folders (walked recursively) or image files.", show_default=False)
     ],
-    k: Annotated[
-        int | None, typer.Option("--k", "-k", help="Palette colors per image, 2 to 256. [default: 64]")
-    ] = None,
+    k: Annotated[int | None, typer.Option("--k", "-k", help="Palette colors per image, 2 to 256. Default: 64.")] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output folder. [default: SRC_kmgpu beside SRC]")
+        Path | None, typer.Option("--out", "-o", help="Output folder. Default: SRC_kmgpu beside SRC.")
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="A TOML file of settings (see configs/).", dir_okay=False)
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batched fit, at most. [default: 16]")] = None,
-    batch_pixels: Annotated[int | None, typer.Option(help="Pixels per batch, at most. [default: 16000000]")] = None,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes; 0 decodes inline. [default: 2]")] = None,
-    writers: Annotated[int | None, typer.Option(help="PNG encoding threads. [default: 2]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. Default: auto.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batched fit, at most. Default: 16.")] = None,
+    batch_pixels: Annotated[int | None, typer.Option(help="Pixels per batch, at most. Default: 16000000.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes; 0 decodes inline. Default: 2.")] = None,
+    writers: Annotated[int | None, typer.Option(help="PNG encoding threads. Default: 2.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip images a previous run in --out finished.")] = True,
     overwrite: Annotated[
         bool, typer.Option(help="Start over, or write into a folder that is not a kmgpu run.")
     ] = False,
-    dither: Annotated[Dither | None, typer.Option(help="none or fs (Floyd-Steinberg). [default: none]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the K-means initialisation. [default: 0]")] = None,
-    level: Annotated[int | None, typer.Option(help="zlib level of the PNGs, 0 to 9. [default: 9]")] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="Refuse larger images. [default: 178956970]")] = None,
-    refine_iter: Annotated[int | None, typer.Option(help="Lloyd steps on the exact colors. [default: 10]")] = None,
-    starts: Annotated[int | None, typer.Option(help="Starts of the coarse fit; 0 automatic. [default: 0]")] = None,
+    dither: Annotated[Dither | None, typer.Option(help="none or fs (Floyd-Steinberg). Default: none.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the K-means initialisation. Default: 0.")] = None,
+    level: Annotated[int | None, typer.Option(help="zlib level of the PNGs, 0 to 9. Default: 9.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Refuse larger images. Default: 178956970.")] = None,
+    refine_iter: Annotated[int | None, typer.Option(help="Lloyd steps on the exact colors. Default: 10.")] = None,
+    starts: Annotated[int | None, typer.Option(help="Starts of the coarse fit; 0 automatic. Default: 0.")] = None,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first image that fails.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     images: Annotated[bool, typer.Option("--images", help="Also print one line per image at the end.")] = False,
@@ -436,7 +434,7 @@ def bench(
     ),
     k: Annotated[str, typer.Option("--k", "-k", help="Comma-separated palette sizes.")] = "16,64,256",
     images: Annotated[
-        Path | None, typer.Option(help="A folder of images [default: the samples, cut into a few hundred].")
+        Path | None, typer.Option(help="A folder of images. Default: the samples, cut into a few hundred.")
     ] = None,
     quick: Annotated[bool, typer.Option(help="Small shapes, few images and repeats: under a minute.")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")] = None,

@@ -42,7 +42,6 @@ __all__ = [
     "from_pil",
     "normalize_alpha",
     "write_atomic",
-    "save_palette_png",
     "sample_paths",
     "SAMPLES_DIR",
 ]
@@ -176,7 +175,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     try:
         size = p.stat().st_size
         if p.is_dir():
-            raise ImageReadError(f"{p}: is a folder, not an image")
+            raise ImageReadError(f"{p}: is a folder, not an image (kmgpu run takes folders)")
         if size == 0:
             raise ImageReadError(f"{p}: empty file")
         with _pillow_limit_lock, warnings.catch_warnings():
@@ -243,18 +242,6 @@ def palette_png_bytes(
     rgb = np.repeat(palette[:, :1], 3, axis=1) if gray else palette[:, :3]
     alpha = palette[:, -1] if c in (2, 4) else None
     return encode_palette_png(indices, rgb, alpha=alpha, icc_profile=icc_profile, level=level)
-
-
-def save_palette_png(
-    path: str | os.PathLike,
-    indices: np.ndarray,
-    palette: np.ndarray,
-    *,
-    icc_profile: bytes | None = None,
-    level: int = 9,
-) -> int:
-    """Write a palette PNG atomically and return its size in bytes (see :func:`palette_png_bytes`)."""
-    return write_atomic(path, palette_png_bytes(indices, palette, icc_profile=icc_profile, level=level))
 
 
 def sample_paths() -> list[Path]:
