@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -156,11 +157,14 @@ def encode_palette_png(
     # No filter at ``level``, and libpng's adaptive filters with zlib's
     # Z_FILTERED strategy at up to level 6 (level 9 costs 6x the time there
     # for about 1%); the smaller stream wins.
-    idat = _deflate(_filtered(rows, False), level, zlib.Z_DEFAULT_STRATEGY)
-    if level > 0:
-        adaptive = _deflate(_filtered(rows, True), min(level, 6), zlib.Z_FILTERED)
-        if len(adaptive) < len(idat):
-            idat = adaptive
+    if level == 0:
+        idat = _deflate(_filtered(rows, False), 0, zlib.Z_DEFAULT_STRATEGY)
+    else:
+        # zlib and most of numpy release the GIL: the two candidates run side by side.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            plain = pool.submit(lambda: _deflate(_filtered(rows, False), level, zlib.Z_DEFAULT_STRATEGY))
+            adaptive = pool.submit(lambda: _deflate(_filtered(rows, True), min(level, 6), zlib.Z_FILTERED))
+            idat = min(plain.result(), adaptive.result(), key=len)
 
     out = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
     if icc_profile:
