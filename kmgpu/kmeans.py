@@ -453,20 +453,6 @@ def _gather_points(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _sq_dist(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared distances (B, N, m) between x (B, N, d) and c (B, m, d).
-
-    The product form, as in the assignment step; good to about 1e-7 of
-    ||x||^2, which is all initialisation needs.
-    """
-    if x_sq is None:
-        x_sq = (x * x).sum(-1)
-    c_sq = (c * c).sum(-1)
-    with exact_float32_matmul():
-        dot = torch.bmm(x, c.transpose(1, 2))
-    return dot.mul_(-2.0).add_(x_sq.unsqueeze(-1)).add_(c_sq.unsqueeze(1)).clamp_min_(0.0)
-
-
 def _init_sample(x, w, size: int, streams: _Streams, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``size`` points per problem for the initialisation.
 
@@ -490,6 +476,10 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     weighted squared distance to the centers chosen so far and keeps the one
     that lowers the potential most. All the uniforms a problem needs are drawn
     up front from its own stream, in one call per problem.
+
+    Distances are laid out (candidates, points): a product with a wide output
+    ran 5x faster on the CPU than the tall, 8-column one of the (points,
+    candidates) layout, and the sums over points run along contiguous memory.
     """
     B, N, d = x.shape
     n_trials = 2 + int(math.log(k_max))
@@ -497,9 +487,18 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     centers = torch.zeros(B, k_max, d, device=x.device)
     first = _weighted_draw(w, u[:, :1])
     centers[:, 0] = _gather_points(x, first)[:, 0]
+    xt = x.transpose(1, 2).contiguous()
     x_sq = (x * x).sum(-1)
-    closest = _sq_dist(x, centers[:, :1], x_sq).squeeze(-1)
-    # Candidate distance blocks (b, N, trials) stay under 16 MiB.
+    w64 = w.double()
+
+    def sq_dist(sl: slice, c: torch.Tensor) -> torch.Tensor:
+        """(b, m, N) squared distances of the points of problems ``sl`` to ``c`` (b, m, d)."""
+        with exact_float32_matmul():
+            dot = torch.bmm(c, xt[sl])
+        return dot.mul_(-2.0).add_(x_sq[sl].unsqueeze(1)).add_((c * c).sum(-1).unsqueeze(-1)).clamp_min_(0.0)
+
+    closest = sq_dist(slice(None), centers[:, :1]).squeeze(1)
+    # Candidate distance blocks (b, trials, N) stay under 16 MiB.
     rows_per_block = max(1, (16 * 2**20) // (4 * n_trials * N))
     for c in range(1, k_max):
         probs = w * closest
@@ -510,11 +509,11 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
         best_closest = torch.empty_like(closest)
         for b0 in range(0, B, rows_per_block):
             sl = slice(b0, b0 + rows_per_block)
-            trial = torch.minimum(closest[sl].unsqueeze(-1), _sq_dist(x[sl], cand_x[sl], x_sq[sl]))
+            trial = torch.minimum(closest[sl].unsqueeze(1), sq_dist(sl, cand_x[sl]))
             # float64, so that padding (more zeros to sum) cannot change the choice
-            pot = (trial.double() * w[sl].double().unsqueeze(-1)).sum(1)
+            pot = (trial.double() * w64[sl].unsqueeze(1)).sum(-1)
             best = pot.argmin(1)
-            best_closest[sl] = trial.gather(2, best.view(-1, 1, 1).expand(-1, N, 1)).squeeze(-1)
+            best_closest[sl] = trial.gather(1, best.view(-1, 1, 1).expand(-1, 1, N)).squeeze(1)
             centers[sl, c] = cand_x[sl].gather(1, best.view(-1, 1, 1).expand(-1, 1, d)).squeeze(1)
         grows = (k > c).unsqueeze(1)
         closest = torch.where(grows, best_closest, closest)
