@@ -49,15 +49,25 @@ class Dist:
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return spec
 
+    def backend(self, device: torch.device) -> str:
+        """NCCL when every rank on this machine has a GPU of its own, else gloo.
+
+        NCCL refuses two ranks on one GPU; the job only gathers small records
+        and waits at barriers, which gloo does as well, so ranks that share
+        GPUs (or run on the CPU) use gloo.
+        """
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        if device.type == "cuda" and local_world <= torch.cuda.device_count():
+            return "nccl"
+        return "gloo"
+
     def start(self, device: torch.device) -> None:
-        """Join the process group: NCCL for CUDA devices, gloo for the CPU."""
+        """Join the process group (see :meth:`backend`)."""
         if not self.active or dist.is_initialized():
             return
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
-        self._backend = backend
+        dist.init_process_group(backend=self.backend(device), timeout=datetime.timedelta(hours=2))
 
     def barrier(self) -> None:
         if self.active and dist.is_initialized():

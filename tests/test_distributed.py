@@ -129,3 +129,15 @@ def test_nproc_is_torchrun_in_short(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "o" / SUMMARY).read_text())
     assert summary["processes"] == 2 and summary["images_done"] == 6
+
+
+def test_backend_nccl_only_with_a_gpu_per_rank(monkeypatch):
+    import torch
+
+    ctx = Dist(1, 2, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ctx.backend(torch.device("cuda", 1)) == "nccl"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # two ranks share one GPU
+    assert ctx.backend(torch.device("cuda", 0)) == "gloo"
+    assert ctx.backend(torch.device("cpu")) == "gloo"
