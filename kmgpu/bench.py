@@ -207,8 +207,8 @@ def bench_end_to_end(device: torch.device, folder: Path, k: int, work: Path) -> 
     from .pipeline import run
 
     out = work / f"out-{device.type}"
-    workers = min(2, os.cpu_count() or 1)
-    config = RunConfig(k=k, device=str(device), workers=workers)
+    config = RunConfig(k=k, device=str(device))
+    workers = config.worker_count(device.type)
     t0 = time.perf_counter()
     result = run([folder], out, config, resume=False, overwrite=True, progress=False, note=lambda m: None)
     wall = time.perf_counter() - t0

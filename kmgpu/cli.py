@@ -277,7 +277,9 @@ def run_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. Default: auto.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batched fit, at most. Default: 16.")] = None,
     batch_pixels: Annotated[int | None, typer.Option(help="Pixels per batch, at most. Default: 16000000.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes; 0 decodes inline. Default: 2.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes; 0 inline; -1 one per core. Default: -1.")
+    ] = None,
     writers: Annotated[int | None, typer.Option(help="PNG encoding threads. Default: 2.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip images a previous run in --out finished.")] = True,
     overwrite: Annotated[

@@ -48,7 +48,9 @@ class RunConfig:
     batch_pixels : int
         Pixels in one batch, at most (a larger single image goes alone).
     workers : int
-        DataLoader processes that decode images; 0 decodes in the main process.
+        DataLoader processes that decode images (and, on the CPU, fit them); 0
+        decodes in the main process; -1 chooses: one per CPU core (8 at most) on
+        the CPU device, where the workers do the fitting, 4 at most on CUDA.
     writers : int
         Threads that encode and write PNGs and measure PSNR/SSIM.
     level : int
@@ -66,7 +68,7 @@ class RunConfig:
     dither: str = "none"
     batch_size: int = 16
     batch_pixels: int = 16_000_000
-    workers: int = 2
+    workers: int = -1
     writers: int = 2
     level: int = 9
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -82,7 +84,7 @@ class RunConfig:
             (self.dither in ("none", "fs"), f"dither={self.dither!r} is not a dithering mode: use none or fs"),
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1"),
             (self.batch_pixels >= 1, f"batch_pixels={self.batch_pixels} must be at least 1"),
-            (self.workers >= 0, f"workers={self.workers} must be 0 or more"),
+            (self.workers >= -1, f"workers={self.workers} must be -1 (automatic), 0 or more"),
             (self.writers >= 1, f"writers={self.writers} must be at least 1"),
             (0 <= self.level <= 9, f"level={self.level} is out of range: zlib levels are 0 to 9"),
             (self.max_pixels >= 1, f"max_pixels={self.max_pixels} must be at least 1"),
@@ -105,6 +107,13 @@ class RunConfig:
             "max_iter": self.max_iter,
             "tol": self.tol,
         }
+
+    def worker_count(self, device_type: str) -> int:
+        """The number of DataLoader workers to start on a device of this type."""
+        if self.workers >= 0:
+            return self.workers
+        cores = os.cpu_count() or 1
+        return min(cores, 8) if device_type == "cpu" else min(cores, 4)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

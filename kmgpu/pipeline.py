@@ -491,7 +491,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         shard = pixel_shard(todo, ctx.rank, ctx.world)
     mine = listed - skipped if shard is None else int(shard.sum())
 
-    workers = config.workers
+    workers = config.worker_count(device.type)
     # On the CPU with worker processes, the workers fit and encode too (see quantize_in_worker).
     in_workers = device.type == "cpu" and workers > 0
     dataset = DecodeDataset(

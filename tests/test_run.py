@@ -256,3 +256,13 @@ def test_resume_refuses_other_settings(tmp_path):
     assert other.exit_code == 2 and "made with other settings (k=8)" in other.output
     assert run_cli(src, "--k", "16", "--no-resume", "--overwrite").exit_code == 0
     assert records(tmp_path / "photos_kmgpu")[0]["k"] == 16
+
+
+def test_automatic_worker_count(monkeypatch):
+    from kmgpu.config import RunConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert RunConfig().worker_count("cpu") == 8 and RunConfig().worker_count("cuda") == 4
+    assert RunConfig(workers=3).worker_count("cpu") == 3 and RunConfig(workers=0).worker_count("cuda") == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert RunConfig().worker_count("cpu") == 2
