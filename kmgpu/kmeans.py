@@ -102,8 +102,10 @@ class KMeansResult:
     n_clusters : Tensor of shape (B,), int64
         The number of clusters of each problem.
     history : list of IterationStats
-        Per-iteration statistics of the best run (the first one when
-        ``n_init > 1`` and problems disagree on which run was best).
+        Per-iteration statistics of each problem's best run. When the
+        ``n_init`` runs were fitted side by side (small problems), the list is
+        as long as the longest run, and a problem's entries after its run
+        converged hold NaN; fitted one after another, it is the first run's.
     """
 
     centers: torch.Tensor
@@ -410,6 +412,13 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+# Stream tags used by one run: the init sample, k-means++, random init (one spare).
+_TAGS_PER_RUN = 4
+# n_init runs are fitted side by side, as one batch of copies, when the copies
+# hold at most this many points: several small fits share each operation.
+_BATCHED_STARTS_POINTS = 2**21
+
+
 class _Streams:
     """Random streams per problem, so that no problem's draws depend on its batch.
 
@@ -425,13 +434,22 @@ class _Streams:
         self.device = device
         self.base = _splitmix64(base_seed & _MASK64)
         self.keys = [int(key) & _MASK64 for key in keys.tolist()]
+        self.offsets = [0] * len(self.keys)
+
+    def starts(self, runs: int) -> _Streams:
+        """Streams of ``runs`` copies of the batch, copy r drawing what the r-th of ``n_init`` runs draws."""
+        new = _Streams.__new__(_Streams)
+        new.device, new.base = self.device, self.base
+        new.keys = self.keys * runs
+        new.offsets = [_TAGS_PER_RUN * r for r in range(runs) for _ in self.keys]
+        return new
 
     def uniform(self, n: int, tag: int) -> torch.Tensor:
         """(B, n) float64 uniforms on [0, 1), the first n of each problem's stream ``tag``."""
         rows = []
-        for key in self.keys:
+        for key, offset in zip(self.keys, self.offsets):
             g = torch.Generator()
-            g.manual_seed(_splitmix64(_splitmix64(self.base ^ key) ^ tag) >> 1)
+            g.manual_seed(_splitmix64(_splitmix64(self.base ^ key) ^ (tag + offset)) >> 1)
             rows.append(torch.rand(n, generator=g, dtype=torch.float64))
         return torch.stack(rows).to(self.device)
 
@@ -751,33 +769,57 @@ def kmeans(
     asg = _Assigner(xc, w, budget)
     size = init_size or max(20000, 20 * k_max)
 
-    best = None
-    for run_index in range(int(n_init)):
+    def start(x_, w_, k_, slot_, streams_, asg_, tol_):
+        """Initial centers, Lloyd, and the final assignment of one run (or of copies, one per run)."""
         if given is not None:
             centers = given - origin
         else:
-            tag = 4 * run_index
-            xs, ws = _init_sample(xc, w, size, streams, tag)
+            xs, ws = _init_sample(x_, w_, size, streams_, 0)
             if init == "k-means++":
-                centers = _kmeans_plusplus(xs, ws, k, k_max, streams, tag + 1)
+                centers = _kmeans_plusplus(xs, ws, k_, k_max, streams_, 1)
             else:
-                centers = _random_init(xs, ws, k_max, streams, tag + 2)
-        centers = torch.where(slot_ok.unsqueeze(-1), centers, torch.zeros_like(centers)).contiguous()
-        centers, n_iter, converged, history, last = _lloyd(asg, centers, slot_ok, tol_abs, int(max_iter))
-        labels, min_dist, _, sum_w = _run_with_oom_retry(asg, centers, slot_ok, sums=True, previous=last)
-        inertia = (min_dist.double() * w.double()).sum(1)
-        run = (centers, labels, inertia, n_iter, converged, history, sum_w)
-        if best is None:
-            best = run
-        else:
-            better = inertia < best[2]
-            best = tuple(
-                torch.where(better.view((-1,) + (1,) * (new.ndim - 1)), new, old)
-                if isinstance(new, torch.Tensor)
-                else old
-                for new, old in zip(run, best)
-            )
-    centers, labels, inertia, n_iter, converged, history, sum_w = best
+                centers = _random_init(xs, ws, k_max, streams_, 2)
+        centers = torch.where(slot_.unsqueeze(-1), centers, torch.zeros_like(centers)).contiguous()
+        centers, n_iter, converged, history, last = _lloyd(asg_, centers, slot_, tol_, int(max_iter))
+        labels, min_dist, _, sum_w = _run_with_oom_retry(asg_, centers, slot_, sums=True, previous=last)
+        inertia = (min_dist.double() * w_.double()).sum(1)
+        return centers, labels, inertia, n_iter, converged, history, sum_w
+
+    runs = int(n_init)
+    if runs > 1 and B * N * runs <= _BATCHED_STARTS_POINTS:
+        # All runs at once: copy r of problem b is row r * B + b, and draws what run r would.
+        rep = (runs,) + (1,) * (xc.ndim - 1)
+        copies = start(
+            xc.repeat(*rep), w.repeat(runs, 1), k.repeat(runs), slot_ok.repeat(runs, 1),
+            streams.starts(runs), _Assigner(xc.repeat(*rep), w.repeat(runs, 1), budget), tol_abs.repeat(runs),
+        )  # fmt: skip
+        all_centers, all_labels, all_inertia, all_iter, all_converged, all_history, all_sum_w = copies
+        choice = all_inertia.view(runs, B).argmin(0)  # the first of equal inertias, as one by one
+        rows = choice * B + torch.arange(B, device=dev)
+        centers, labels, inertia = all_centers[rows], all_labels[rows], all_inertia[rows]
+        n_iter, converged, sum_w = all_iter[rows], all_converged[rows], all_sum_w[rows]
+        kept = rows.cpu()
+        history = [
+            IterationStats(h.iteration, int((~torch.isnan(h.inertia[kept])).sum()), h.inertia[kept],
+                           h.center_shift[kept], h.empty_repaired, h.seconds)
+            for h in all_history
+        ]  # fmt: skip
+    else:
+        best = None
+        for run_index in range(runs):
+            streams.offsets = [_TAGS_PER_RUN * run_index] * B
+            run = start(xc, w, k, slot_ok, streams, asg, tol_abs)
+            if best is None:
+                best = run
+            else:
+                better = run[2] < best[2]
+                best = tuple(
+                    torch.where(better.view((-1,) + (1,) * (new.ndim - 1)), new, old)
+                    if isinstance(new, torch.Tensor)
+                    else old
+                    for new, old in zip(run, best)
+                )
+        centers, labels, inertia, n_iter, converged, history, sum_w = best
 
     starved = ((sum_w <= 0) & slot_ok).sum(1)
     if bool((starved > 0).any()):

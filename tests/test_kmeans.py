@@ -245,6 +245,15 @@ def test_n_init_keeps_the_best_run(coffee_small):
     assert float(dist.double().sum()) == pytest.approx(float(best.inertia), rel=1e-5)
 
 
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_starts_side_by_side_equal_one_after_another(coffee_small, monkeypatch, init):
+    batched = kmeans(coffee_small[:6000], 12, seed=2, n_init=3, init=init, device="cpu")
+    monkeypatch.setattr(km, "_BATCHED_STARTS_POINTS", 0)  # force the one-by-one loop
+    sequential = kmeans(coffee_small[:6000], 12, seed=2, n_init=3, init=init, device="cpu")
+    assert torch.equal(batched.centers, sequential.centers) and torch.equal(batched.labels, sequential.labels)
+    assert float(batched.inertia) == float(sequential.inertia) and int(batched.n_iter) == int(sequential.n_iter)
+
+
 # ---------------------------------------------------------------- memory: OOM retry
 def test_out_of_memory_retries_with_smaller_blocks(monkeypatch, coffee_small):
     real_run = km._Assigner.run
