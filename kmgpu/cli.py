@@ -18,6 +18,7 @@ import typer
 
 from . import __version__
 from .imageio import DEFAULT_MAX_PIXELS
+from .png import palette_size_error
 
 app = typer.Typer(
     name="kmgpu",
@@ -60,8 +61,9 @@ def _note(message: str) -> None:
 
 
 def _check_k(k: int) -> None:
-    if not 2 <= k <= 256:
-        _fail(f"k={k} is out of range: palette PNGs hold 2 to 256 colors")
+    problem = palette_size_error(k)
+    if problem:
+        _fail(problem)
 
 
 def _device(spec: str):

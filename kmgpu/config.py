@@ -19,6 +19,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .imageio import DEFAULT_MAX_PIXELS
+from .png import palette_size_error
 
 __all__ = ["ConfigError", "RunConfig", "load_config"]
 
@@ -79,8 +80,10 @@ class RunConfig:
     tol: float = 1e-4
 
     def __post_init__(self) -> None:
+        problem = palette_size_error(self.k)
+        if problem:
+            raise ConfigError(problem)
         checks = [
-            (2 <= self.k <= 256, f"k={self.k} is out of range: palette PNGs hold 2 to 256 colors"),
             (self.dither in ("none", "fs"), f"dither={self.dither!r} is not a dithering mode: use none or fs"),
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1"),
             (self.batch_pixels >= 1, f"batch_pixels={self.batch_pixels} must be at least 1"),

@@ -36,7 +36,17 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .config import RunConfig
-from .data import DecodeDataset, DoneSet, Item, Sample, identity_collate, item_key, scan, torch_threads_for_workers
+from .data import (
+    IMAGE_SUFFIXES,
+    DecodeDataset,
+    DoneSet,
+    Item,
+    Sample,
+    identity_collate,
+    item_key,
+    scan,
+    torch_threads_for_workers,
+)
 from .device import resolve_device
 from .distributed import from_environment, pixel_shard
 from .imageio import write_atomic
@@ -154,9 +164,8 @@ def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
     # Keep the lines of the images that are done (recorded ok, output present), once each.
     kept, seen = [], set()
     for record in read_manifest(manifest):
-        rel = record["output"]
-        if record.get("status") == "ok" and rel not in seen and (out / rel).is_file():
-            seen.add(rel)
+        if record["output"] not in seen and _is_done(out, record):
+            seen.add(record["output"])
             kept.append(json.dumps(record))
     write_atomic(manifest, "".join(line + "\n" for line in kept).encode())
     return DoneSet(seen)
@@ -179,11 +188,14 @@ def _fold_rank_parts(out: Path) -> None:
         part.unlink()
 
 
+def _is_done(out: Path, record: dict) -> bool:
+    """An image is done when its record says ok and its output is there."""
+    return record.get("status") == "ok" and (out / record["output"]).is_file()
+
+
 def _load_done(out: Path) -> DoneSet:
-    """What the manifest records as done (ok, output present): read-only, for ranks other than 0."""
-    return DoneSet(
-        r["output"] for r in read_manifest(out / MANIFEST) if r.get("status") == "ok" and (out / r["output"]).is_file()
-    )
+    """What the manifest records as done: read-only, for ranks other than 0."""
+    return DoneSet(r["output"] for r in read_manifest(out / MANIFEST) if _is_done(out, r))
 
 
 def _finalize_manifest(manifest: Path) -> None:
@@ -262,12 +274,14 @@ def _versions(device: torch.device) -> dict:
     return out
 
 
+def _about(item: Item) -> dict:
+    """The fields of a record that say which image it is (and its place in the walk)."""
+    return {"source": str(item.path), "output": item.rel, "src": item.source, "input": "/".join(item.order[1:])}
+
+
 def _error_record(item: Item, message: str, ms: float, k: int) -> dict:
     return {
-        "source": str(item.path),
-        "output": item.rel,
-        "src": item.source,
-        "input": "/".join(item.order[1:]),
+        **_about(item),
         "width": None,
         "height": None,
         "k": k,
@@ -298,10 +312,7 @@ def _encode(result: QuantizedImage, item: Item, level: int, ms_before: float, cl
         quality, similarity = result.psnr, result.ssim
     src = result.source
     record = {
-        "source": str(item.path),
-        "output": item.rel,
-        "src": item.source,
-        "input": "/".join(item.order[1:]),
+        **_about(item),
         "width": src.width,
         "height": src.height,
         "k": result.k,
@@ -354,14 +365,11 @@ def quantize_in_worker(sample: Sample, config: RunConfig) -> Sample:
     clock = StageClock()
     t0 = time.perf_counter()
     try:
-        (result,) = quantize_batch(
-            [sample.image], config.k, seed=config.seed, device="cpu", dither=config.dither,
-            keys=[item_key(sample.item.rel)], clock=clock, **config.fit_options(),
-        )  # fmt: skip
+        (result,) = _fit([sample], config, torch.device("cpu"), clock)
         ms = sample.decode_ms + 1e3 * (time.perf_counter() - t0)
         sample.encoded = _encode(result, sample.item, config.level, ms, clock)
     except (RuntimeError, ValueError, MemoryError) as err:
-        sample.error = f"{sample.item.path}: the fit failed ({' '.join(str(err).split())[:300]})"
+        sample.error = _fit_failed(sample.item, err)
     sample.image = None  # the pixels need not travel back
     sample.stages = clock.seconds
     return sample
@@ -483,8 +491,8 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         for message in unreadable:
             note(message)
     if listed == 0 and ctx.is_main:
-        names = ", ".join(sorted(s for s in {".jpg", ".png", ".webp", ".tif", ".bmp", ".gif"}))
-        note(f"no images found in {', '.join(map(str, sources))} (looked for {names} and the like)")
+        names = " ".join(sorted(IMAGE_SUFFIXES))
+        note(f"no images found in {', '.join(map(str, sources))} (looked for {names})")
     shard = None
     if ctx.active:
         todo = (item for item in scan(sources, prefix_sources=several) if item.rel not in done)
@@ -644,8 +652,7 @@ def _flush(
             fitted = _fit(good, config, device, clock)
             results = {id(s): r for s, r in zip(good, fitted)}
         except (RuntimeError, ValueError, MemoryError) as err:
-            message = " ".join(str(err).split())[:300]
-            results = {id(s): f"{s.item.path}: the fit failed ({message})" for s in good}
+            results = {id(s): _fit_failed(s.item, err) for s in good}
     share = 1e3 * (time.perf_counter() - t0) / max(1, len(good))
     failed = False
     for s in batch:
@@ -660,6 +667,10 @@ def _flush(
         else:
             sink.add(pool.submit(_encode_and_write, r, s.item, out, config.level, s.decode_ms + share, clock))
     return fail_fast and failed
+
+
+def _fit_failed(item: Item, err: Exception) -> str:
+    return f"{item.path}: the fit failed ({' '.join(str(err).split())[:300]})"
 
 
 def _fit(samples: list[Sample], config: RunConfig, device, clock: StageClock) -> list[QuantizedImage]:

@@ -25,9 +25,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["encode_palette_png", "bit_depth_for", "smooth_order"]
+__all__ = ["encode_palette_png", "bit_depth_for", "smooth_order", "palette_size_error"]
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def palette_size_error(k: int) -> str | None:
+    """Why ``k`` cannot be the palette size asked for, or None when it can."""
+    if 2 <= k <= 256:
+        return None
+    return f"k={k} is out of range: palette PNGs hold 2 to 256 colors"
 
 
 def bit_depth_for(n_colors: int) -> int:

@@ -43,6 +43,7 @@ from .imageio import (
 )
 from .kmeans import assign, kmeans
 from .metrics import psnr, ssim
+from .png import palette_size_error
 from .timing import StageClock, stage
 
 __all__ = [
@@ -288,8 +289,11 @@ def fit_palettes(
     if len(channels) != 1 or not 1 <= next(iter(channels)) <= 4:
         raise ValueError(f"images must all have the same number of channels, 1 to 4; got {sorted(channels)}")
     ks = torch.as_tensor([k] * n if isinstance(k, int) else list(k), dtype=torch.int64)
-    if ks.numel() != n or bool(((ks < 2) | (ks > 256)).any()):
-        raise ValueError(f"k={k} is out of range: palette PNGs hold 2 to 256 colors")
+    if ks.numel() != n:
+        raise ValueError(f"k holds {ks.numel()} values for {n} images")
+    problems = [p for p in (palette_size_error(int(v)) for v in ks.unique()) if p]
+    if problems:
+        raise ValueError(problems[0])
     if not 1 <= coarse_bits <= 8:
         raise ValueError(f"coarse_bits={coarse_bits} is out of range: 1 to 8")
     ids = torch.arange(n) if keys is None else torch.as_tensor(list(keys), dtype=torch.int64)
@@ -498,8 +502,9 @@ def quantize_batch(
     """
     if dither not in DITHER_MODES:
         raise ValueError(f"dither={dither!r} is not a dithering mode: use none or fs")
-    if not 2 <= int(k) <= 256:
-        raise ValueError(f"k={k} is out of range: palette PNGs hold 2 to 256 colors")
+    problem = palette_size_error(int(k))
+    if problem:
+        raise ValueError(problem)
     loaded = [as_loaded(im, max_pixels=max_pixels) for im in images]
     keys = list(range(len(loaded))) if keys is None else list(keys)
     results: list[QuantizedImage | None] = [None] * len(loaded)
