@@ -90,3 +90,20 @@ def test_a_batch_fits_each_image_as_alone():
 def test_images_with_different_channel_counts_are_refused():
     with pytest.raises(ValueError, match="same number of channels"):
         fit_palettes([torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.uint8)], 4)
+
+
+def test_graphic_with_few_colors_is_fitted_as_well_as_a_full_fit():
+    # A logo: a few heavy flat colors and their anti-aliased edges, about 1,300
+    # distinct colors. A fit on coarse bins settled 6 dB below scikit-learn here.
+    import skimage.data
+
+    from kmgpu.quantize import as_loaded, quantize
+
+    src = as_loaded(skimage.data.logo()[:250, :250])
+    flat = src.pixels.reshape(-1, src.pixels.shape[2])
+    ours = quantize(src, 256, device="cpu")
+    centers = SKKMeans(256, n_init=1, random_state=0).fit(flat.astype(np.float32)).cluster_centers_
+    palette = np.clip(np.round(centers), 0, 255).astype(np.int64)
+    labels = ((flat[:, None, :].astype(np.int64) - palette[None]) ** 2).sum(-1).argmin(1)
+    full = psnr(flat, palette[labels].astype(np.uint8))
+    assert ours.psnr > full - 0.5, (ours.psnr, full)  # 61.27 against 61.33 when written
