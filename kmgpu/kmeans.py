@@ -505,36 +505,40 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     centers = torch.zeros(B, k_max, d, device=x.device)
     first = _weighted_draw(w, u[:, :1])
     centers[:, 0] = _gather_points(x, first)[:, 0]
-    xt = x.transpose(1, 2).contiguous()
-    x_sq = (x * x).sum(-1)
-    w64 = w.double()
+    # [-2x; 1] laid out (d + 1, N): one product with [c, ||c||^2] gives ||c||^2 - 2 c.x.
+    xt = torch.cat([-2.0 * x, torch.ones_like(x[..., :1])], dim=-1).transpose(1, 2).contiguous()
+    x_sq = (x * x).sum(-1).unsqueeze(1)
+    w64 = w.double().unsqueeze(-1)
+    cum_w = w.double().cumsum(1)
+    rows = torch.arange(B, device=x.device)
+    uniform_k = bool((k == k_max).all())
 
     def sq_dist(sl: slice, c: torch.Tensor) -> torch.Tensor:
         """(b, m, N) squared distances of the points of problems ``sl`` to ``c`` (b, m, d)."""
         with exact_float32_matmul():
-            dot = torch.bmm(c, xt[sl])
-        return dot.mul_(-2.0).add_(x_sq[sl].unsqueeze(1)).add_((c * c).sum(-1).unsqueeze(-1)).clamp_min_(0.0)
+            dist = torch.bmm(torch.cat([c, (c * c).sum(-1, keepdim=True)], dim=-1), xt[sl])
+        return dist.add_(x_sq[sl]).clamp_min_(0.0)
 
     closest = sq_dist(slice(None), centers[:, :1]).squeeze(1)
     # Candidate distance blocks (b, trials, N) stay under 16 MiB.
     rows_per_block = max(1, (16 * 2**20) // (4 * n_trials * N))
     for c in range(1, k_max):
-        probs = w * closest
+        cum = (w * closest).double().cumsum(1)
         # Once every point sits on a center (fewer distinct points than k), draw by weight alone.
-        probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, w)
-        cand = _weighted_draw(probs, u[:, 1 + (c - 1) * n_trials : 1 + c * n_trials])
+        cum = torch.where(cum[:, -1:] > 0, cum, cum_w)
+        draw = u[:, 1 + (c - 1) * n_trials : 1 + c * n_trials] * cum[:, -1:]
+        cand = torch.searchsorted(cum, draw, right=True).clamp_max_(N - 1)
         cand_x = _gather_points(x, cand)
         best_closest = torch.empty_like(closest)
         for b0 in range(0, B, rows_per_block):
             sl = slice(b0, b0 + rows_per_block)
             trial = torch.minimum(closest[sl].unsqueeze(1), sq_dist(sl, cand_x[sl]))
             # float64, so that padding (more zeros to sum) cannot change the choice
-            pot = (trial.double() * w64[sl].unsqueeze(1)).sum(-1)
-            best = pot.argmin(1)
-            best_closest[sl] = trial.gather(1, best.view(-1, 1, 1).expand(-1, 1, N)).squeeze(1)
-            centers[sl, c] = cand_x[sl].gather(1, best.view(-1, 1, 1).expand(-1, 1, d)).squeeze(1)
-        grows = (k > c).unsqueeze(1)
-        closest = torch.where(grows, best_closest, closest)
+            best = torch.bmm(trial.double(), w64[sl]).squeeze(-1).argmin(1)
+            here = rows[: best.numel()]
+            best_closest[sl] = trial[here, best]
+            centers[sl, c] = cand_x[sl][here, best]
+        closest = best_closest if uniform_k else torch.where((k > c).unsqueeze(1), best_closest, closest)
     return centers
 
 
