@@ -333,7 +333,7 @@ def fit_palettes(
         palettes[b] = colors[colors_of.image == b]
 
     if fit.numel():
-        bins, n_bins = None, n_colors
+        bins, n_bins = None, torch.zeros_like(n_colors)  # no grid: every image on its colors
         if coarse_bits < 8:
             with stage(clock, "colors"):
                 bins = _coarse_bins(colors, counts, colors_of, coarse_bits, n)

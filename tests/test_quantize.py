@@ -107,3 +107,17 @@ def test_graphic_with_few_colors_is_fitted_as_well_as_a_full_fit():
     labels = ((flat[:, None, :].astype(np.int64) - palette[None]) ** 2).sum(-1).argmin(1)
     full = psnr(flat, palette[labels].astype(np.uint8))
     assert ours.psnr > full - 0.5, (ours.psnr, full)  # 61.27 against 61.33 when written
+
+
+@pytest.mark.parametrize("coarse_bits", [6, 8])
+def test_photo_fit_with_and_without_the_coarse_grid(coarse_bits):
+    # coffee has about 94k distinct colors: above the direct-fit limit, so the grid is used
+    # at 6 bits and skipped at 8 (no grid); both must give every pixel its nearest color.
+    pixels = torch.from_numpy(sample_pixels("coffee.png", step=1).copy())
+    assert color_histogram(pixels).colors.shape[0] > 8192
+    pal = fit_palette(pixels, 16, seed=0, device="cpu", coarse_bits=coarse_bits, refine_iter=2)
+    palette = pal.colors.numpy().astype(np.int64)
+    d = ((pixels.numpy()[:, None, :].astype(np.int64) - palette[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(d[np.arange(len(d)), pal.indices.long().numpy()], d.min(1))
+    rebuilt = pal.reconstruct().numpy()
+    assert psnr(pixels.numpy(), rebuilt) > 27.0
