@@ -282,10 +282,10 @@ def fit_palettes(
     refine_iter : int
         Lloyd iterations on the exact distinct colors after the coarse fit.
     coarse_n_init : int, optional
-        Initialisations of the coarse fit; the best is refined. Default: 3
-        for k <= 32, where a poor local optimum costs most (on the samples at
-        k=16, 3 starts gave +0.05 to +0.2 dB) and the coarse fit is cheap;
-        1 above.
+        Initialisations of the first stage (the coarse fit, or the direct fit
+        of an image with few colors); the best goes on. Default: 3 for k <= 32,
+        where a poor local optimum costs most (on the samples at k=16, 3 starts
+        gave +0.05 to +0.2 dB) and that stage is cheap; 1 above.
     max_iter, tol
         Limits of the coarse fit (see :func:`kmgpu.kmeans.kmeans`).
     clock : StageClock, optional
