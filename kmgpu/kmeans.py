@@ -461,9 +461,13 @@ def _weighted_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     unlike ``torch.multinomial`` it has no 2**24 limit on N. Every row must
     have some positive probability.
     """
-    cum = probs.double().cumsum(1)
+    return _draw_from_cumulative(probs.double().cumsum(1), u)
+
+
+def _draw_from_cumulative(cum: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`_weighted_draw` from the cumulative sums (B, N) of the probabilities."""
     idx = torch.searchsorted(cum, u * cum[:, -1:], right=True)
-    return idx.clamp_max_(probs.shape[1] - 1)
+    return idx.clamp_max_(cum.shape[1] - 1)
 
 
 def _gather_points(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -526,8 +530,7 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
         cum = (w * closest).double().cumsum(1)
         # Once every point sits on a center (fewer distinct points than k), draw by weight alone.
         cum = torch.where(cum[:, -1:] > 0, cum, cum_w)
-        draw = u[:, 1 + (c - 1) * n_trials : 1 + c * n_trials] * cum[:, -1:]
-        cand = torch.searchsorted(cum, draw, right=True).clamp_max_(N - 1)
+        cand = _draw_from_cumulative(cum, u[:, 1 + (c - 1) * n_trials : 1 + c * n_trials])
         cand_x = _gather_points(x, cand)
         best_closest = torch.empty_like(closest)
         for b0 in range(0, B, rows_per_block):
