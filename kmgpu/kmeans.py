@@ -342,7 +342,7 @@ class _Assigner:
         return sx.transpose(1, 2), sw
 
 
-def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None):
+def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None, guess=None):
     """Label every point with its nearest center, in memory-bounded blocks.
 
     Parameters
@@ -353,6 +353,10 @@ def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None):
         Use only the first ``n_clusters`` centers of each problem.
     chunk_bytes : int, optional
         Bytes per block of the distance matrix; by default from the device.
+    guess : Tensor of shape (B, N) or (N,), int64, optional
+        Likely labels (from a fit against nearby centers). The result is the
+        same, but for ties, where a point keeps its guess; on the CPU only
+        the points whose guess is not at the minimum are searched.
 
     Returns
     -------
@@ -379,7 +383,11 @@ def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None):
     # 2**24, so the distances are exact in float32, ties are true ties, and
     # the first nearest center wins whatever the batch or the block size.
     asg = _Assigner(x, torch.ones(x.shape[:2], device=x.device), budget)
-    labels, dist, _, _ = _run_with_oom_retry(asg, c, slot_ok, sums=False)
+    if guess is not None:
+        guess = guess.to(device=x.device, dtype=torch.int64).reshape(x.shape[:2])
+        if bool(((guess < 0) | (guess >= k)).any()):
+            raise ValueError(f"guess must lie in 0 to {k - 1}")
+    labels, dist, _, _ = _run_with_oom_retry(asg, c, slot_ok, sums=False, previous=guess)
     return (labels[0], dist[0]) if single else (labels, dist)
 
 
@@ -499,49 +507,64 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     that lowers the potential most. All the uniforms a problem needs are drawn
     up front from its own stream, in one call per problem.
 
-    Distances are laid out (candidates, points): a product with a wide output
-    ran 5x faster on the CPU than the tall, 8-column one of the (points,
-    candidates) layout, and the sums over points run along contiguous memory.
+    The k - 1 steps run one after another, each on small tensors, so their
+    cost is mostly the number of operations: a step is a dozen of them.
+    Distances are float64 and laid out (candidates, points): a product with
+    a wide output ran 5x faster on the CPU than the tall, 8-column one of the
+    (points, candidates) layout, the sums over points run along contiguous
+    memory, and no step converts between precisions.
     """
     B, N, d = x.shape
     n_trials = 2 + int(math.log(k_max))
     u = streams.uniform(1 + (k_max - 1) * n_trials, tag)
+    x64 = x.double()
+    x_sq = (x64 * x64).sum(-1)
+    # Rows [x, ||x||^2] to gather candidates from, and [-2x; 1] laid out (d + 1, N):
+    # one product of the two, plus ||x||^2, is every candidate's squared distance to every point.
+    rows_aug = torch.cat([x64, x_sq.unsqueeze(-1)], dim=-1)
+    cols_aug = torch.cat([-2.0 * x64, torch.ones_like(x64[..., :1])], dim=-1).transpose(1, 2).contiguous()
+    x_sq = x_sq.unsqueeze(1)
+    w64 = w.double()
+    w_col = w64.unsqueeze(-1)
     centers = torch.zeros(B, k_max, d, device=x.device)
-    first = _weighted_draw(w, u[:, :1])
-    centers[:, 0] = _gather_points(x, first)[:, 0]
-    # [-2x; 1] laid out (d + 1, N): one product with [c, ||c||^2] gives ||c||^2 - 2 c.x.
-    xt = torch.cat([-2.0 * x, torch.ones_like(x[..., :1])], dim=-1).transpose(1, 2).contiguous()
-    x_sq = (x * x).sum(-1).unsqueeze(1)
-    w64 = w.double().unsqueeze(-1)
-    cum_w = w.double().cumsum(1)
-    rows = torch.arange(B, device=x.device)
     uniform_k = bool((k == k_max).all())
 
-    def sq_dist(sl: slice, c: torch.Tensor) -> torch.Tensor:
-        """(b, m, N) squared distances of the points of problems ``sl`` to ``c`` (b, m, d)."""
-        with exact_float32_matmul():
-            dist = torch.bmm(torch.cat([c, (c * c).sum(-1, keepdim=True)], dim=-1), xt[sl])
-        return dist.add_(x_sq[sl]).clamp_min_(0.0)
+    def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """(B, m, d + 1) augmented rows of points drawn by ``weights`` (B, N)."""
+        cum = weights.cumsum(1)
+        if not bool((cum[:, -1] > 0).all()):
+            # Every point of some problem sits on a center (fewer distinct points than k): draw by weight alone.
+            cum = torch.where(cum[:, -1:] > 0, cum, w64.cumsum(1))
+        idx = _draw_from_cumulative(cum, uniforms)
+        return rows_aug.gather(1, idx.unsqueeze(-1).expand(-1, -1, d + 1))
 
-    closest = sq_dist(slice(None), centers[:, :1]).squeeze(1)
-    # Candidate distance blocks (b, trials, N) stay under 16 MiB.
-    rows_per_block = max(1, (16 * 2**20) // (4 * n_trials * N))
+    def sq_dist(c_aug: torch.Tensor, sl: slice) -> torch.Tensor:
+        """(b, m, N) squared distances of the points of problems ``sl`` to the candidates ``c_aug`` (b, m, d + 1)."""
+        return torch.baddbmm(x_sq[sl], c_aug, cols_aug[sl]).clamp_min_(0.0)
+
+    def step(sl: slice, cand: torch.Tensor, closest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidate of problems ``sl`` that lowers the potential most, and the distances it leaves."""
+        trial = torch.minimum(sq_dist(cand, sl), closest)
+        best = torch.bmm(trial, w_col[sl]).argmin(1, keepdim=True)  # (b, 1, 1)
+        return cand.gather(1, best.expand(-1, -1, d + 1))[:, 0, :d], trial.gather(1, best.expand(-1, -1, N))
+
+    first = draw(w64, u[:, :1])
+    centers[:, 0] = first[:, 0, :d]
+    closest = sq_dist(first, slice(None))  # (B, 1, N)
+    potential = closest.squeeze(1) * w64
+    # Candidate distance blocks (b, trials, N) of at most 32 MiB: one block, without slicing, in most calls.
+    per_block = max(1, (32 * 2**20) // (8 * n_trials * N))
     for c in range(1, k_max):
-        cum = (w * closest).double().cumsum(1)
-        # Once every point sits on a center (fewer distinct points than k), draw by weight alone.
-        cum = torch.where(cum[:, -1:] > 0, cum, cum_w)
-        cand = _draw_from_cumulative(cum, u[:, 1 + (c - 1) * n_trials : 1 + c * n_trials])
-        cand_x = _gather_points(x, cand)
-        best_closest = torch.empty_like(closest)
-        for b0 in range(0, B, rows_per_block):
-            sl = slice(b0, b0 + rows_per_block)
-            trial = torch.minimum(closest[sl].unsqueeze(1), sq_dist(sl, cand_x[sl]))
-            # float64, so that padding (more zeros to sum) cannot change the choice
-            best = torch.bmm(trial.double(), w64[sl]).squeeze(-1).argmin(1)
-            here = rows[: best.numel()]
-            best_closest[sl] = trial[here, best]
-            centers[sl, c] = cand_x[sl][here, best]
-        closest = best_closest if uniform_k else torch.where((k > c).unsqueeze(1), best_closest, closest)
+        cand = draw(potential, u[:, 1 + (c - 1) * n_trials : 1 + c * n_trials])
+        if per_block >= B:
+            centers[:, c], new_closest = step(slice(None), cand, closest)
+        else:
+            new_closest = torch.empty_like(closest)
+            for b0 in range(0, B, per_block):
+                sl = slice(b0, b0 + per_block)
+                centers[sl, c], new_closest[sl] = step(sl, cand[sl], closest[sl])
+        closest = new_closest if uniform_k else torch.where((k > c).view(-1, 1, 1), new_closest, closest)
+        potential = closest.squeeze(1) * w64
     return centers
 
 
@@ -598,16 +621,26 @@ def _repair_empty(asg, labels, min_dist, sum_x, sum_w, slot_ok) -> int:
     return int(b.numel())
 
 
-def _lloyd(asg: _Assigner, centers, slot_ok, tol_abs, max_iter: int):
-    """Run Lloyd iterations until each problem's center shift is <= its tolerance."""
-    B = centers.shape[0]
+def _lloyd(asg: _Assigner, centers, slot_ok, tol_abs, max_iter: int, labels=None):
+    """Run Lloyd iterations until each problem's center shift is <= its tolerance.
+
+    ``labels`` (B, N), optional, is a guess of each point's nearest initial
+    center, which lets the first pass skip most of the index search.
+
+    Returns the centers, iterations, convergence flags and history, and, from
+    each problem's last iteration: its labels (B, N) (against the centers
+    that iteration started from), inertia (B,) and cluster weights (B, k).
+    """
+    B, N = asg.w.shape
     device = centers.device
     n_iter = torch.zeros(B, dtype=torch.int64, device=device)
     converged = torch.zeros(B, dtype=torch.bool, device=device)
     history: list[IterationStats] = []
     idx = torch.arange(B, device=device)  # problems in the working copy
     work = asg
-    labels = None
+    all_labels = torch.zeros(B, N, dtype=torch.int64, device=device)
+    last_inertia = torch.zeros(B, dtype=torch.float64, device=device)
+    last_sum_w = torch.zeros(B, centers.shape[1], dtype=torch.float64, device=device)
     for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
         c = centers[idx]
@@ -627,6 +660,8 @@ def _lloyd(asg: _Assigner, centers, slot_ok, tol_abs, max_iter: int):
         full_shift = full_inertia.clone()
         full_inertia[idx[live]] = inertia[live]
         full_shift[idx[live]] = shift[live]
+        last_inertia[idx[live]] = inertia[live]
+        last_sum_w[idx[live]] = sum_w[live]
         n_live = int(live.sum())
         history.append(
             IterationStats(it, n_live, full_inertia.cpu(), full_shift.cpu(), repaired, time.perf_counter() - t0)
@@ -637,11 +672,13 @@ def _lloyd(asg: _Assigner, centers, slot_ok, tol_abs, max_iter: int):
         if n_still == 0:
             break
         if n_still <= _RECOMPACT_FRACTION * idx.numel():
+            all_labels[idx] = labels
             keep = still.nonzero().squeeze(1)
             idx = idx[keep]
             work = work.subset(keep)
             labels = labels[keep]
-    return centers, n_iter, converged, history, (labels if idx.numel() == B else None)
+    all_labels[idx] = labels
+    return centers, n_iter, converged, history, all_labels, last_inertia, last_sum_w
 
 
 # --------------------------------------------------------------------------
@@ -664,6 +701,8 @@ def kmeans(
     device: str | torch.device | None = None,
     init_size: int | None = None,
     chunk_bytes: int | None = None,
+    init_labels=None,
+    final_labels: bool = True,
 ) -> KMeansResult:
     """Fit K-means to one problem or a batch of independent problems.
 
@@ -708,6 +747,17 @@ def kmeans(
     chunk_bytes : int, optional
         Size of one block of the distance matrix. Default: 4 MiB on the CPU,
         a quarter of the free memory (32 MiB to 1 GiB) on CUDA.
+    init_labels : Tensor or array of shape (B, N) or (N,) of int, optional
+        With ``init`` given as centers, a guess of each point's nearest one,
+        such as the labels of the coarser fit that gave them. The result is
+        the same (but for ties, where a point keeps its guess); on the CPU
+        the first pass then searches only the points whose guess fails.
+    final_labels : bool
+        Assign the points to the final centers in one more pass (default).
+        When False, ``labels``, ``inertia`` and the empty-cluster check are
+        those of each problem's last Lloyd iteration, made against the
+        centers that iteration started from: one pass less, for callers that
+        need only the centers.
 
     Returns
     -------
@@ -755,6 +805,16 @@ def kmeans(
     elif init not in ("k-means++", "random"):
         raise ValueError(f"init={init!r} is not an initialisation: use 'k-means++', 'random' or an array of centers")
 
+    hint = None
+    if init_labels is not None:
+        hint = _as_tensor(init_labels, "init_labels")
+        hint = hint.unsqueeze(0) if single and hint.ndim == 1 else hint
+        if tuple(hint.shape) != (B, N) or hint.is_floating_point() or hint.dtype == torch.bool:
+            raise ValueError(f"init_labels must be integers of shape {(B, N) if not single else (N,)}")
+        hint = hint.to(device=dev, dtype=torch.int64)
+        if bool(((hint < 0) | (hint >= k_max)).any()):
+            raise ValueError(f"init_labels must lie in 0 to {k_max - 1}")
+
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     keys = torch.arange(B) if problem_keys is None else _as_tensor(problem_keys, "problem_keys").reshape(-1)
@@ -776,7 +836,7 @@ def kmeans(
     asg = _Assigner(xc, w, budget)
     size = init_size or max(20000, 20 * k_max)
 
-    def start(x_, w_, k_, slot_, streams_, asg_, tol_):
+    def start(x_, w_, k_, slot_, streams_, asg_, tol_, hint_):
         """Initial centers, Lloyd, and the final assignment of one run (or of copies, one per run)."""
         if given is not None:
             centers = given - origin
@@ -787,7 +847,11 @@ def kmeans(
             else:
                 centers = _random_init(xs, ws, k_max, streams_, 2)
         centers = torch.where(slot_.unsqueeze(-1), centers, torch.zeros_like(centers)).contiguous()
-        centers, n_iter, converged, history, last = _lloyd(asg_, centers, slot_, tol_, int(max_iter))
+        centers, n_iter, converged, history, last, inertia, sum_w = _lloyd(
+            asg_, centers, slot_, tol_, int(max_iter), labels=hint_
+        )
+        if not final_labels:
+            return centers, last, inertia, n_iter, converged, history, sum_w
         labels, min_dist, _, sum_w = _run_with_oom_retry(asg_, centers, slot_, sums=True, previous=last)
         inertia = (min_dist.double() * w_.double()).sum(1)
         return centers, labels, inertia, n_iter, converged, history, sum_w
@@ -799,6 +863,7 @@ def kmeans(
         copies = start(
             xc.repeat(*rep), w.repeat(runs, 1), k.repeat(runs), slot_ok.repeat(runs, 1),
             streams.starts(runs), _Assigner(xc.repeat(*rep), w.repeat(runs, 1), budget), tol_abs.repeat(runs),
+            None if hint is None else hint.repeat(runs, 1),
         )  # fmt: skip
         all_centers, all_labels, all_inertia, all_iter, all_converged, all_history, all_sum_w = copies
         choice = all_inertia.view(runs, B).argmin(0)  # the first of equal inertias, as one by one
@@ -815,7 +880,7 @@ def kmeans(
         best = None
         for run_index in range(runs):
             streams.offsets = [_TAGS_PER_RUN * run_index] * B
-            run = start(xc, w, k, slot_ok, streams, asg, tol_abs)
+            run = start(xc, w, k, slot_ok, streams, asg, tol_abs, hint)
             if best is None:
                 best = run
             else:

@@ -192,13 +192,28 @@ def _coarse_bins(colors, counts, colors_of: _Ragged, bits: int, n_images: int):
     """Merge each image's distinct colors onto a grid of ``2**bits`` levels per channel.
 
     Returns the mean color of each occupied bin (float32), a :class:`_Ragged`
-    of their images, and the pixel count of each bin (float64).
+    of their images, the pixel count of each bin (float64), and the bin of
+    each color.
     """
     weights = counts.double()
     _, bins_of, inverse, bin_counts = _grouped_unique(colors_of.image, _pack(colors, bits), n_images, weights)
     sums = torch.zeros(bin_counts.numel(), colors.shape[1], dtype=torch.float64, device=colors.device)
     sums.index_add_(0, inverse, colors.double() * weights.unsqueeze(1))
-    return (sums / bin_counts.unsqueeze(1)).float(), bins_of, bin_counts
+    return (sums / bin_counts.unsqueeze(1)).float(), bins_of, bin_counts, inverse
+
+
+def _bin_labels(labels: torch.Tensor, bins, colors_of: _Ragged, rows: torch.Tensor) -> torch.Tensor:
+    """(U,) the label of each distinct color's bin, from the coarse fit's labels (G, bins_max) of the images ``rows``.
+
+    Colors of images outside ``rows`` get 0.
+    """
+    where = torch.full((colors_of.sizes.numel(),), -1, dtype=torch.int64, device=labels.device)
+    where[rows] = torch.arange(rows.numel(), device=labels.device)
+    row = where[colors_of.image]
+    mine = row >= 0
+    out = torch.zeros(row.numel(), dtype=torch.int64, device=labels.device)
+    out[mine] = labels[row[mine], bins[1].slot[bins[3][mine]]]
+    return out
 
 
 def _fit_group(bins, plan, colors, counts, colors_of, group, k, keys, *, seed, tol, n_init, device, clock):
@@ -217,19 +232,25 @@ def _fit_group(bins, plan, colors, counts, colors_of, group, k, keys, *, seed, t
     with stage(clock, "colors"):
         distinct = colors_of.pad(colors.float(), rows)
     init, iters = "k-means++", torch.zeros(group.numel(), dtype=torch.int64)
+    labels = None  # each stage's last labels: the next one's guess of the nearest center
     with stage(clock, "fit"):
         for i, (level, steps) in enumerate(plan):
             if level == "colors":
                 points, weight = distinct, colors_of.pad(counts.float(), rows)
+                if labels is not None:  # after the coarse grid: each color starts with its bin's label
+                    labels = colors_of.pad(_bin_labels(labels, bins, colors_of, rows), rows)
             else:
-                means, of, bin_counts = bins
+                means, of, bin_counts, _ = bins
                 points, weight = of.pad(means, rows), of.pad(bin_counts.float(), rows)
-            fit = kmeans(points, k, weight, init=init, max_iter=steps, n_init=n_init if i == 0 else 1, **options)
-            init, iters = fit.centers, iters + fit.n_iter.cpu()
+            fit = kmeans(
+                points, k, weight, init=init, max_iter=steps, n_init=n_init if i == 0 else 1,
+                init_labels=labels, final_labels=i + 1 < len(plan), **options,
+            )  # fmt: skip
+            init, labels, iters = fit.centers, fit.labels, iters + fit.n_iter.cpu()
     with stage(clock, "assign"):
         # Round to the palette that is stored, and give each color its nearest stored entry.
         stored = init.round().clamp(0, 255).to(torch.uint8)
-        labels, _ = assign(distinct, stored.float(), n_clusters=k.to(device))
+        labels, _ = assign(distinct, stored.float(), n_clusters=k.to(device), guess=labels)
     return stored, labels, iters
 
 
@@ -463,11 +484,11 @@ class QuantizedImage:
         """SSIM of the luma against the decoded input."""
         return ssim(self.source.pixels, self.reconstruct())
 
-    def png_bytes(self, *, level: int = 9) -> bytes:
+    def png_bytes(self, *, level: int = 6) -> bytes:
         """The palette PNG, with the input's RGB ICC profile."""
         return palette_png_bytes(self.indices, self.palette, icc_profile=self.source.icc_profile, level=level)
 
-    def save(self, path: str | os.PathLike, *, level: int = 9) -> int:
+    def save(self, path: str | os.PathLike, *, level: int = 6) -> int:
         """Write the palette PNG atomically; refuses to overwrite the input. Returns its size in bytes."""
         dest = Path(path)
         src = self.source.path

@@ -254,6 +254,53 @@ def test_starts_side_by_side_equal_one_after_another(coffee_small, monkeypatch, 
     assert float(batched.inertia) == float(sequential.inertia) and int(batched.n_iter) == int(sequential.n_iter)
 
 
+# ---------------------------------------------------------------- passes saved: guesses, no final pass
+def test_init_labels_guess_changes_nothing_but_the_work(coffee_small, monkeypatch):
+    x = torch.from_numpy(coffee_small).float()
+    coarse = kmeans(x, 48, seed=3, max_iter=4, device="cpu")
+    plain = kmeans(x, 48, init=coarse.centers, max_iter=6, device="cpu")
+    searched = []
+    real = km._nearest
+    monkeypatch.setattr(km, "_nearest", lambda part, prev: searched.append(prev is not None) or real(part, prev))
+    # The coarse fit's labels against its own final centers: a good guess; then a poor one (all 0).
+    for guess in (coarse.labels, torch.zeros_like(coarse.labels)):
+        searched.clear()
+        hinted = kmeans(x, 48, init=coarse.centers, max_iter=6, device="cpu", init_labels=guess)
+        assert searched and all(searched)  # every pass, the first included, started from labels
+        assert torch.equal(hinted.centers, plain.centers) and torch.equal(hinted.labels, plain.labels)
+    with pytest.raises(ValueError, match="init_labels must lie in 0 to 47"):
+        kmeans(x, 48, init=coarse.centers, device="cpu", init_labels=torch.full_like(coarse.labels, 48))
+    with pytest.raises(ValueError, match="init_labels must be integers"):
+        kmeans(x, 48, init=coarse.centers, device="cpu", init_labels=coarse.labels[:10])
+
+
+def test_without_final_labels_one_pass_less_same_centers(coffee_small, monkeypatch):
+    x = torch.from_numpy(coffee_small[:20000]).float()
+    passes = []
+    real = km._Assigner.run
+    monkeypatch.setattr(km._Assigner, "run", lambda self, *a, **kw: passes.append(1) or real(self, *a, **kw))
+    full = kmeans(x, 16, seed=1, tol=0.0, device="cpu")
+    n_full = len(passes)
+    passes.clear()
+    short = kmeans(x, 16, seed=1, tol=0.0, device="cpu", final_labels=False)
+    assert len(passes) == n_full - 1
+    assert torch.equal(short.centers, full.centers) and int(short.n_iter) == int(full.n_iter)
+    # Converged with tol=0: the last iteration did not move the centers, so its labels are the final ones.
+    assert bool(full.converged) and torch.equal(short.labels, full.labels)
+    assert float(short.inertia) == pytest.approx(float(full.inertia), rel=1e-6)
+
+
+def test_assign_guess_keeps_ties_and_finds_the_nearest():
+    points = torch.tensor([[0.0], [5.0], [9.0], [10.0]])
+    centers = torch.tensor([[0.0], [10.0], [10.0]])  # 5 is as near to 0 as to 10; 10 sits on two equal centers
+    assert assign(points, centers)[0].tolist() == [0, 0, 1, 1]
+    labels, dist = assign(points, centers, guess=torch.tensor([1, 1, 0, 2]))
+    assert labels.tolist() == [0, 1, 1, 2]  # a wrong guess is searched again; a tie keeps the guess
+    assert dist.tolist() == [0.0, 25.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="guess must lie in 0 to 2"):
+        assign(points, centers, guess=torch.tensor([0, 0, 0, 3]))
+
+
 # ---------------------------------------------------------------- memory: OOM retry
 def test_out_of_memory_retries_with_smaller_blocks(monkeypatch, coffee_small):
     real_run = km._Assigner.run
