@@ -71,7 +71,7 @@ class RunConfig:
     batch_pixels: int = 16_000_000
     workers: int = -1
     writers: int = 2
-    level: int = 9
+    level: int = 6
     max_pixels: int = DEFAULT_MAX_PIXELS
     refine_iter: int = 10
     starts: int = 0

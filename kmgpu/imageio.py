@@ -232,7 +232,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> int:
 
 
 def palette_png_bytes(
-    indices: np.ndarray, palette: np.ndarray, *, icc_profile: bytes | None = None, level: int = 9
+    indices: np.ndarray, palette: np.ndarray, *, icc_profile: bytes | None = None, level: int = 6
 ) -> bytes:
     """Encode an index map (H, W) and a palette (k, C), C = 1 to 4 channels, as palette PNG bytes."""
     k, c = palette.shape

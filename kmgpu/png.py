@@ -125,7 +125,7 @@ def encode_palette_png(
     *,
     alpha: np.ndarray | None = None,
     icc_profile: bytes | None = None,
-    level: int = 9,
+    level: int = 6,
     reorder: bool = True,
 ) -> bytes:
     """Encode an index map and its palette as a palette PNG (color type 3).
@@ -141,7 +141,9 @@ def encode_palette_png(
     icc_profile : bytes, optional
         An RGB ICC profile, written as an iCCP chunk.
     level : int
-        zlib level, 0 to 9.
+        zlib level, 0 to 9. The default, 6, is zlib's own and Pillow's: on 13
+        photos and graphics level 9 took 2.7x (k=16) to 1.4x (k=256) the time
+        of the deflate step for files 0.2 to 1.7% smaller.
     reorder : bool
         Reorder the palette smoothly (the decoded pixels are the same).
 
@@ -152,34 +154,41 @@ def encode_palette_png(
     k = len(palette)
     bits = bit_depth_for(k)
     h, w = indices.shape
+    indices = np.ascontiguousarray(indices, dtype=np.uint8)
+    given = (palette, alpha, _pack_rows(indices, bits))
+    smooth = given
     if reorder:
         order = smooth_order(palette if alpha is None else np.hstack([palette, alpha[:, None]]))
         rank = np.empty(k, dtype=np.uint8)
         rank[order] = np.arange(k, dtype=np.uint8)
-        indices = rank[indices]
-        palette = palette[order]
-        alpha = None if alpha is None else alpha[order]
-    rows = _pack_rows(np.ascontiguousarray(indices, dtype=np.uint8), bits)
+        smooth = (palette[order], None if alpha is None else alpha[order], _pack_rows(rank[indices], bits))
 
-    # No filter at ``level``, and libpng's adaptive filters with zlib's
-    # Z_FILTERED strategy at up to level 6 (level 9 costs 6x the time there
-    # for about 1%); the smaller stream wins.
+    def file(layout, scanlines: np.ndarray, level: int, strategy: int) -> bytes:
+        pal, alp, _ = layout
+        out = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
+        if icc_profile:
+            out.append(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile, 9)))
+        out.append(_chunk(b"PLTE", np.ascontiguousarray(pal, dtype=np.uint8).tobytes()))
+        if alp is not None and bool((alp < 255).any()):
+            last = int(np.nonzero(alp < 255)[0].max())
+            out.append(_chunk(b"tRNS", np.ascontiguousarray(alp[: last + 1], dtype=np.uint8).tobytes()))
+        out.append(_chunk(b"IDAT", _deflate(scanlines, level, strategy)))
+        out.append(_chunk(b"IEND", b""))
+        return b"".join(out)
+
     if level == 0:
-        idat = _deflate(_filtered(rows, False), 0, zlib.Z_DEFAULT_STRATEGY)
-    else:
-        # zlib and most of numpy release the GIL: the two candidates run side by side.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            plain = pool.submit(lambda: _deflate(_filtered(rows, False), level, zlib.Z_DEFAULT_STRATEGY))
-            adaptive = pool.submit(lambda: _deflate(_filtered(rows, True), min(level, 6), zlib.Z_FILTERED))
-            idat = min(plain.result(), adaptive.result(), key=len)
-
-    out = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
-    if icc_profile:
-        out.append(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile, 9)))
-    out.append(_chunk(b"PLTE", np.ascontiguousarray(palette, dtype=np.uint8).tobytes()))
-    if alpha is not None and bool((alpha < 255).any()):
-        last = int(np.nonzero(alpha < 255)[0].max())
-        out.append(_chunk(b"tRNS", np.ascontiguousarray(alpha[: last + 1], dtype=np.uint8).tobytes()))
-    out.append(_chunk(b"IDAT", idat))
-    out.append(_chunk(b"IEND", b""))
-    return b"".join(out)
+        return file(smooth, _filtered(smooth[2], False), 0, zlib.Z_DEFAULT_STRATEGY)
+    # Two candidates, the smaller wins:
+    # - no filter at ``level``. At 8 bits per pixel the palette stays in the
+    #   order given: at level 6 that is, byte for byte, what Pillow writes for
+    #   these pixels, so the file is never larger than Pillow's. Packed (1 to
+    #   4 bits) it takes the smooth order, which packs better;
+    # - libpng's adaptive filters with zlib's Z_FILTERED strategy at up to
+    #   level 6 (level 9 costs 6x the time there for about 1%), on the smooth
+    #   order, which gives the filters neighbouring colors to predict from.
+    plain = given if bits == 8 else smooth
+    # zlib and most of numpy release the GIL: the two candidates run side by side.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        unfiltered = pool.submit(lambda: file(plain, _filtered(plain[2], False), level, zlib.Z_DEFAULT_STRATEGY))
+        adaptive = pool.submit(lambda: file(smooth, _filtered(smooth[2], True), min(level, 6), zlib.Z_FILTERED))
+        return min(unfiltered.result(), adaptive.result(), key=len)
