@@ -660,6 +660,8 @@ def _lloyd(asg: _Assigner, centers, slot_ok, tol_abs, max_iter: int, labels=None
         full_shift = full_inertia.clone()
         full_inertia[idx[live]] = inertia[live]
         full_shift[idx[live]] = shift[live]
+        # A problem's last labels are those of its last live iteration, whatever else is in its batch.
+        all_labels[idx[live]] = labels[live]
         last_inertia[idx[live]] = inertia[live]
         last_sum_w[idx[live]] = sum_w[live]
         n_live = int(live.sum())
@@ -672,12 +674,10 @@ def _lloyd(asg: _Assigner, centers, slot_ok, tol_abs, max_iter: int, labels=None
         if n_still == 0:
             break
         if n_still <= _RECOMPACT_FRACTION * idx.numel():
-            all_labels[idx] = labels
             keep = still.nonzero().squeeze(1)
             idx = idx[keep]
             work = work.subset(keep)
             labels = labels[keep]
-    all_labels[idx] = labels
     return centers, n_iter, converged, history, all_labels, last_inertia, last_sum_w
 
 

@@ -47,7 +47,8 @@ def test_inertia_never_rises_on_photo(coffee_small):
         assert after <= before * (1 + 1e-6)
 
 
-def test_batched_equals_one_by_one():
+@pytest.mark.parametrize("final_labels, tol", [(True, 1e-4), (False, 1e-4), (False, 3e-2)])
+def test_batched_equals_one_by_one(final_labels, tol):
     gen = np.random.default_rng(0)
     sizes, ks = [500, 1200, 80], [5, 12, 3]
     problems = [gen.normal(size=(n, 3)).astype(np.float32) * 40 + 100 for n in sizes]
@@ -60,9 +61,10 @@ def test_batched_equals_one_by_one():
         x[b, : len(p)] = p
         w[b, : len(p)] = 1
         c0[b, : len(c)] = c
-    batched = kmeans(x, ks, w, init=c0, device="cpu")
+    options = dict(device="cpu", final_labels=final_labels, tol=tol)
+    batched = kmeans(x, ks, w, init=c0, **options)
     for b, (p, c, k) in enumerate(zip(problems, inits, ks)):
-        alone = kmeans(p, k, init=c, device="cpu")
+        alone = kmeans(p, k, init=c, **options)
         n = len(p)
         assert torch.equal(batched.labels[b, :n], alone.labels)
         torch.testing.assert_close(batched.centers[b, :k], alone.centers, rtol=1e-5, atol=1e-4)
