@@ -532,8 +532,10 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """(B, m, d + 1) augmented rows of points drawn by ``weights`` (B, N)."""
         cum = weights.cumsum(1)
-        if not bool((cum[:, -1] > 0).all()):
-            # Every point of some problem sits on a center (fewer distinct points than k): draw by weight alone.
+        # Where every point of a problem sits on a center (fewer distinct points than k), draw by
+        # weight alone. The CPU checks first, to skip that pass over the points when no problem
+        # needs it; CUDA does not wait for the answer.
+        if x.device.type == "cuda" or not bool((cum[:, -1] > 0).all()):
             cum = torch.where(cum[:, -1:] > 0, cum, w64.cumsum(1))
         idx = _draw_from_cumulative(cum, uniforms)
         return rows_aug.gather(1, idx.unsqueeze(-1).expand(-1, -1, d + 1))

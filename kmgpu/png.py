@@ -163,11 +163,13 @@ def encode_palette_png(
         rank[order] = np.arange(k, dtype=np.uint8)
         smooth = (palette[order], None if alpha is None else alpha[order], _pack_rows(rank[indices], bits))
 
+    head = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
+    if icc_profile:
+        head.append(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile, 9)))
+
     def file(layout, scanlines: np.ndarray, level: int, strategy: int) -> bytes:
         pal, alp, _ = layout
-        out = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
-        if icc_profile:
-            out.append(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile, 9)))
+        out = list(head)
         out.append(_chunk(b"PLTE", np.ascontiguousarray(pal, dtype=np.uint8).tobytes()))
         if alp is not None and bool((alp < 255).any()):
             last = int(np.nonzero(alp < 255)[0].max())
