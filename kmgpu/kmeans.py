@@ -137,6 +137,13 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contain NaN or inf (first at index {tuple(bad)})")
 
 
+def _check_label_range(labels: torch.Tensor, k: int, name: str) -> torch.Tensor:
+    """``labels`` itself, once every value is a center's index, 0 to k - 1."""
+    if bool(((labels < 0) | (labels >= k)).any()):
+        raise ValueError(f"{name} must lie in 0 to {k - 1}")
+    return labels
+
+
 def _prepare(points, weights, n_clusters, device: torch.device):
     """Validate the inputs and bring them to (B, N, d) float32, (B, N) float32, (B,) int64."""
     x = _as_tensor(points, "points")
@@ -384,9 +391,7 @@ def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None, 
     # the first nearest center wins whatever the batch or the block size.
     asg = _Assigner(x, torch.ones(x.shape[:2], device=x.device), budget)
     if guess is not None:
-        guess = guess.to(device=x.device, dtype=torch.int64).reshape(x.shape[:2])
-        if bool(((guess < 0) | (guess >= k)).any()):
-            raise ValueError(f"guess must lie in 0 to {k - 1}")
+        guess = _check_label_range(guess.to(device=x.device, dtype=torch.int64).reshape(x.shape[:2]), k, "guess")
     labels, dist, _, _ = _run_with_oom_retry(asg, c, slot_ok, sums=False, previous=guess)
     return (labels[0], dist[0]) if single else (labels, dist)
 
@@ -537,8 +542,7 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
         # needs it; CUDA does not wait for the answer.
         if x.device.type == "cuda" or not bool((cum[:, -1] > 0).all()):
             cum = torch.where(cum[:, -1:] > 0, cum, w64.cumsum(1))
-        idx = _draw_from_cumulative(cum, uniforms)
-        return rows_aug.gather(1, idx.unsqueeze(-1).expand(-1, -1, d + 1))
+        return _gather_points(rows_aug, _draw_from_cumulative(cum, uniforms))
 
     def sq_dist(c_aug: torch.Tensor, sl: slice) -> torch.Tensor:
         """(b, m, N) squared distances of the points of problems ``sl`` to the candidates ``c_aug`` (b, m, d + 1)."""
@@ -547,8 +551,8 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     def step(sl: slice, cand: torch.Tensor, closest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The candidate of problems ``sl`` that lowers the potential most, and the distances it leaves."""
         trial = torch.minimum(sq_dist(cand, sl), closest)
-        best = torch.bmm(trial, w_col[sl]).argmin(1, keepdim=True)  # (b, 1, 1)
-        return cand.gather(1, best.expand(-1, -1, d + 1))[:, 0, :d], trial.gather(1, best.expand(-1, -1, N))
+        best = torch.bmm(trial, w_col[sl]).argmin(1)  # (b, 1)
+        return _gather_points(cand, best)[:, 0, :d], _gather_points(trial, best)
 
     first = draw(w64, u[:, :1])
     centers[:, 0] = first[:, 0, :d]
@@ -813,9 +817,7 @@ def kmeans(
         hint = hint.unsqueeze(0) if single and hint.ndim == 1 else hint
         if tuple(hint.shape) != (B, N) or hint.is_floating_point() or hint.dtype == torch.bool:
             raise ValueError(f"init_labels must be integers of shape {(B, N) if not single else (N,)}")
-        hint = hint.to(device=dev, dtype=torch.int64)
-        if bool(((hint < 0) | (hint >= k_max)).any()):
-            raise ValueError(f"init_labels must lie in 0 to {k_max - 1}")
+        hint = _check_label_range(hint.to(device=dev, dtype=torch.int64), k_max, "init_labels")
 
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))

@@ -160,14 +160,30 @@ class _Ragged:
         self.slot = torch.arange(image.numel(), device=image.device) - starts[image]
         self.width = max(1, int(self.sizes.max())) if image.numel() else 1
 
+    def row_in(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U,) the position in ``rows`` of each value's image, -1 for images not in ``rows``."""
+        where = torch.full((self.sizes.numel(),), -1, dtype=torch.int64, device=self.image.device)
+        where[rows] = torch.arange(rows.numel(), device=self.image.device)
+        return where[self.image]
+
     def pad(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Place ``values`` (U, ...) into a zero tensor (len(rows), M_max, ...) for the images ``rows``."""
-        where = torch.full((self.sizes.numel(),), -1, dtype=torch.int64, device=values.device)
-        where[rows] = torch.arange(rows.numel(), device=values.device)
-        keep = where[self.image] >= 0
+        row = self.row_in(rows)
+        keep = row >= 0
         out = torch.zeros((rows.numel(), self.width) + values.shape[1:], dtype=values.dtype, device=values.device)
-        out[where[self.image[keep]], self.slot[keep]] = values[keep]
+        out[row[keep], self.slot[keep]] = values[keep]
         return out
+
+    def unpad(self, padded: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`pad`: the values (U, ...) read from ``padded`` (0 outside the images ``rows``).
+
+        Also returns which values belong to the images ``rows``.
+        """
+        row = self.row_in(rows)
+        mine = row >= 0
+        out = padded.new_zeros((row.numel(),) + padded.shape[2:])
+        out[mine] = padded[row[mine], self.slot[mine]]
+        return out, mine
 
 
 def _grouped_unique(image: torch.Tensor, keys: torch.Tensor, n_images: int, weights=None):
@@ -202,20 +218,6 @@ def _coarse_bins(colors, counts, colors_of: _Ragged, bits: int, n_images: int):
     return (sums / bin_counts.unsqueeze(1)).float(), bins_of, bin_counts, inverse
 
 
-def _bin_labels(labels: torch.Tensor, bins, colors_of: _Ragged, rows: torch.Tensor) -> torch.Tensor:
-    """(U,) the label of each distinct color's bin, from the coarse fit's labels (G, bins_max) of the images ``rows``.
-
-    Colors of images outside ``rows`` get 0.
-    """
-    where = torch.full((colors_of.sizes.numel(),), -1, dtype=torch.int64, device=labels.device)
-    where[rows] = torch.arange(rows.numel(), device=labels.device)
-    row = where[colors_of.image]
-    mine = row >= 0
-    out = torch.zeros(row.numel(), dtype=torch.int64, device=labels.device)
-    out[mine] = labels[row[mine], bins[1].slot[bins[3][mine]]]
-    return out
-
-
 def _fit_group(bins, plan, colors, counts, colors_of, group, k, keys, *, seed, tol, n_init, device, clock):
     """Fit the images ``group`` (indices into the batch), which share one ``plan``, in batched engine calls.
 
@@ -238,7 +240,8 @@ def _fit_group(bins, plan, colors, counts, colors_of, group, k, keys, *, seed, t
             if level == "colors":
                 points, weight = distinct, colors_of.pad(counts.float(), rows)
                 if labels is not None:  # after the coarse grid: each color starts with its bin's label
-                    labels = colors_of.pad(_bin_labels(labels, bins, colors_of, rows), rows)
+                    label_of_bin, _ = bins[1].unpad(labels, rows)
+                    labels = colors_of.pad(label_of_bin[bins[3]], rows)
             else:
                 means, of, bin_counts, _ = bins
                 points, weight = of.pad(means, rows), of.pad(bin_counts.float(), rows)
@@ -369,11 +372,8 @@ def fit_palettes(
                 bins, plan, colors, counts, colors_of, group, ks[group], ids[group],
                 seed=seed, tol=tol, n_init=coarse_n_init, device=dev, clock=clock,
             )  # fmt: skip
-            where = torch.full((n,), -1, dtype=torch.int64, device=dev)
-            where[group.to(dev)] = torch.arange(group.numel(), device=dev)
-            row_of_color = where[colors_of.image]
-            mine = row_of_color >= 0
-            label_of_color[mine] = labels[row_of_color[mine], colors_of.slot[mine]]
+            label_of_group, mine = colors_of.unpad(labels, group.to(dev))
+            label_of_color[mine] = label_of_group[mine]
             for i, b in enumerate(members):
                 palettes[b] = stored[i, : int(ks[b])]
                 n_iters[b] = int(iters[i])
