@@ -574,6 +574,55 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     return centers
 
 
+def _draw_host(potential: np.ndarray, u: np.ndarray, by_weight: np.ndarray) -> np.ndarray:
+    """:func:`_weighted_draw` of one problem in NumPy, by weight alone (``by_weight``: its
+    cumulative sums) where the potential is 0 everywhere (every point already a center)."""
+    cum = torch.from_numpy(potential).cumsum(0).numpy()  # 4x faster than NumPy's cumsum
+    if not cum[-1] > 0:
+        cum = by_weight
+    return np.minimum(np.searchsorted(cum, u * cum[-1], side="right"), len(cum) - 1)
+
+
+def _kmeans_plusplus_host(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: int):
+    """:func:`_kmeans_plusplus` on the CPU: the same draws and the same centers, one problem at a time.
+
+    The k - 1 steps are sequential and small, so on the CPU their cost is the
+    overhead of each operation: about 50 torch calls a step (views and
+    gathers included), against a dozen NumPy calls at a fifth of the cost
+    each. This loop measured 1.6x (10k points) to 3.5x (500 points) faster
+    at k=256, and 1.9x on a batch of 16. The three products stay in torch,
+    as float64 like the batched version: NumPy's BLAS keeps its worker
+    threads spinning after a call, and they took a core from the Lloyd
+    passes that came next (1.5x slower).
+    """
+    B, N, d = x.shape
+    n_trials = 2 + int(math.log(k_max))
+    uniforms = streams.uniform(1 + (k_max - 1) * n_trials, tag).numpy()
+    centers = np.zeros((B, k_max, d), dtype=np.float32)
+    for b in range(B):
+        xb, wb, u = x[b].double(), w[b].double(), uniforms[b]
+        x_sq = (xb * xb).sum(1, keepdim=True)
+        ones = torch.ones_like(x_sq)
+        # [c, ||c||^2, 1] . [-2x; 1; ||x||^2] = ||x - c||^2: one product gives every candidate's distances.
+        rows = torch.cat([xb, x_sq, ones], dim=1).numpy()
+        cols = torch.cat([-2.0 * xb, ones, x_sq], dim=1).T.contiguous()
+        points, weights, w_col = xb.numpy(), wb.numpy(), wb.unsqueeze(1)
+        by_weight = wb.cumsum(0).numpy()
+
+        first = _draw_host(weights, u[:1], by_weight)
+        centers[b, 0] = points[first[0]]
+        closest = np.maximum(torch.mm(torch.from_numpy(rows[first]), cols).numpy()[0], 0.0)
+        for c in range(1, int(k[b])):
+            cand = _draw_host(closest * weights, u[1 + (c - 1) * n_trials : 1 + c * n_trials], by_weight)
+            trial = torch.mm(torch.from_numpy(rows[cand]), cols).numpy()
+            np.maximum(trial, 0.0, out=trial)
+            np.minimum(trial, closest, out=trial)
+            best = int(torch.mm(torch.from_numpy(trial), w_col).argmin())
+            centers[b, c] = points[cand[best]]
+            closest = trial[best]
+    return torch.from_numpy(centers)
+
+
 def _random_init(x, w, k_max: int, streams: _Streams, tag: int):
     """k distinct points per problem, drawn without replacement proportional to weight.
 
@@ -847,7 +896,8 @@ def kmeans(
         else:
             xs, ws = _init_sample(x_, w_, size, streams_, 0)
             if init == "k-means++":
-                centers = _kmeans_plusplus(xs, ws, k_, k_max, streams_, 1)
+                kpp = _kmeans_plusplus_host if dev.type == "cpu" else _kmeans_plusplus
+                centers = kpp(xs, ws, k_, k_max, streams_, 1)
             else:
                 centers = _random_init(xs, ws, k_max, streams_, 2)
         centers = torch.where(slot_.unsqueeze(-1), centers, torch.zeros_like(centers)).contiguous()

@@ -92,6 +92,27 @@ def test_kmeanspp_in_a_batch_equals_alone():
     assert not torch.equal(other_key.centers, kmeans(problems[0], 16, seed=5, problem_keys=[101]).centers)
 
 
+def test_kmeanspp_host_loop_equals_batched_version(coffee_small):
+    """The CPU's one-problem-at-a-time k-means++ draws the same centers as the batched one CUDA runs."""
+    gen = np.random.default_rng(4)
+    x = torch.zeros(4, 3000, 3)
+    w = torch.zeros(4, 3000)
+    x[0], w[0] = torch.from_numpy(coffee_small[:3000]).float() - 120, 1  # repeated colors: ties in distance
+    x[1, :2000], w[1, :2000] = torch.from_numpy(gen.normal(0, 40, (2000, 3))).float(), 1
+    w[1, :2000] *= torch.from_numpy(gen.uniform(0.5, 5, 2000)).float()
+    x[2, :5], w[2, :5] = torch.arange(15.0).view(5, 3), 1  # fewer points than k: draws fall back to weights
+    x[3] = torch.from_numpy(gen.uniform(-128, 128, (3000, 3))).float()
+    w[3] = 1
+    k = torch.tensor([64, 30, 64, 12])
+    streams = km._Streams(7, torch.tensor([1, 2, 3, 4]), torch.device("cpu"))
+    batched = km._kmeans_plusplus(x, w, k, 64, streams, 1)
+    host = km._kmeans_plusplus_host(x, w, k, 64, streams, 1)
+    for b in range(4):
+        kb = int(k[b])
+        assert torch.equal(host[b, :kb], batched[b, :kb])
+        assert len({tuple(c) for c in host[b, :kb].tolist()}) == min(kb, int((w[b] > 0).sum()))
+
+
 def test_each_problem_converges_on_its_own():
     easy = np.repeat(np.array([[0.0, 0.0], [50.0, 50.0]]), 100, axis=0)
     hard = np.random.default_rng(3).uniform(0, 100, size=(200, 2))
