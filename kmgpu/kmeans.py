@@ -698,31 +698,45 @@ def _lloyd(asg: _Assigner, centers, slot_ok, tol_abs, max_iter: int, labels=None
     last_sum_w = torch.zeros(B, centers.shape[1], dtype=torch.float64, device=device)
     for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
-        c = centers[idx]
-        ok = slot_ok[idx]
+        whole = idx.numel() == B  # nothing compacted yet: the working copy is the batch
+        c = centers if whole else centers[idx]
+        ok = slot_ok if whole else slot_ok[idx]
         labels, min_dist, sum_x, sum_w = _run_with_oom_retry(work, c, ok, sums=True, previous=labels)
         repaired = _repair_empty(work, labels, min_dist, sum_x, sum_w, ok)
-        inertia = (min_dist.double() * work.w.double()).sum(1)
+        inertia = (min_dist.double() * work.w).sum(1)
         new_c = torch.where((sum_w > 0).unsqueeze(-1), (sum_x / sum_w.clamp_min(1e-300).unsqueeze(-1)).float(), c)
         shift = ((new_c - c).double().square() * ok.unsqueeze(-1)).sum((1, 2))
         live = ~converged[idx]
-        # Problems that converged earlier but are still in the working copy keep their centers.
-        centers[idx] = torch.where(live.view(-1, 1, 1), new_c, c)
-        n_iter[idx] += live.long()
-        done_now = live & (shift <= tol_abs[idx])
-        converged[idx] |= done_now
-        full_inertia = torch.full((B,), float("nan"), dtype=torch.float64, device=device)
-        full_shift = full_inertia.clone()
-        full_inertia[idx[live]] = inertia[live]
-        full_shift[idx[live]] = shift[live]
-        # A problem's last labels are those of its last live iteration, whatever else is in its batch.
-        all_labels[idx[live]] = labels[live]
-        last_inertia[idx[live]] = inertia[live]
-        last_sum_w[idx[live]] = sum_w[live]
         n_live = int(live.sum())
-        history.append(
-            IterationStats(it, n_live, full_inertia.cpu(), full_shift.cpu(), repaired, time.perf_counter() - t0)
-        )
+        if whole and n_live == B:
+            # Every problem still iterating (always so for a single one): plain updates, no scatter.
+            centers, n_iter = new_c, n_iter + 1
+            converged = shift <= tol_abs
+            all_labels, last_inertia, last_sum_w = labels, inertia, sum_w
+            history.append(IterationStats(it, n_live, inertia.cpu(), shift.cpu(), repaired, time.perf_counter() - t0))
+        else:
+            # Problems that converged earlier but are still in the working copy keep their centers.
+            centers = centers.clone()
+            centers[idx] = torch.where(live.view(-1, 1, 1), new_c, c)
+            n_iter = n_iter.clone()
+            n_iter[idx] += live.long()
+            converged = converged.clone()
+            converged[idx] |= live & (shift <= tol_abs[idx])
+            mine = idx[live]
+            full_inertia = torch.full((B,), float("nan"), dtype=torch.float64, device=device)
+            full_shift = full_inertia.clone()
+            full_inertia[mine] = inertia[live]
+            full_shift[mine] = shift[live]
+            # A problem's last labels are those of its last live iteration, whatever else is in its batch.
+            # (all_labels may be an earlier iteration's labels, which nothing reads any more; the
+            # other two may be in the history, so they are copied.)
+            last_inertia, last_sum_w = last_inertia.clone(), last_sum_w.clone()
+            all_labels[mine] = labels[live]
+            last_inertia[mine] = inertia[live]
+            last_sum_w[mine] = sum_w[live]
+            history.append(
+                IterationStats(it, n_live, full_inertia.cpu(), full_shift.cpu(), repaired, time.perf_counter() - t0)
+            )
         log.debug("iteration %d: %d active, %d empty clusters repaired", it, n_live, repaired)
         still = ~converged[idx]
         n_still = int(still.sum())

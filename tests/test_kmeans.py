@@ -121,6 +121,14 @@ def test_each_problem_converges_on_its_own():
     assert r.history[0].active == 2 and r.history[-1].active == 1
     assert torch.isnan(r.history[-1].inertia[0])  # problem 0 no longer iterated
     assert bool(r.converged.all())
+    # Every iteration's record stays as it was made: both problems' inertias while both ran,
+    # never rising, and the final inertia of problem 0 is that of its last iteration.
+    first = int(r.n_iter[0])
+    for h in r.history[:first]:
+        assert not torch.isnan(h.inertia).any()
+    hard_inertia = [float(h.inertia[1]) for h in r.history]
+    assert all(b <= a + 1e-6 for a, b in zip(hard_inertia, hard_inertia[1:]))
+    assert float(r.history[first - 1].inertia[0]) == pytest.approx(float(r.inertia[0]), abs=1e-6)
 
 
 def test_histogram_equals_all_pixels(coffee_small):
