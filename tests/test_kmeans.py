@@ -291,8 +291,10 @@ def test_init_labels_guess_changes_nothing_but_the_work(coffee_small, monkeypatc
     coarse = kmeans(x, 48, seed=3, max_iter=4, device="cpu")
     plain = kmeans(x, 48, init=coarse.centers, max_iter=6, device="cpu")
     searched = []
-    real = km._nearest
-    monkeypatch.setattr(km, "_nearest", lambda part, prev: searched.append(prev is not None) or real(part, prev))
+    real = km._nearest_into
+    monkeypatch.setattr(
+        km, "_nearest_into", lambda part, best, lab, guessed: searched.append(guessed) or real(part, best, lab, guessed)
+    )
     # The coarse fit's labels against its own final centers: a good guess; then a poor one (all 0).
     for guess in (coarse.labels, torch.zeros_like(coarse.labels)):
         searched.clear()
