@@ -371,6 +371,22 @@ def test_estimator_contract(coffee_small):
         model.predict(x[:, :2])
 
 
+def test_one_hot_cluster_sums_agree_with_scatter_sums(coffee_small, monkeypatch):
+    """CUDA's per-block one-hot product sums (deterministic there), run on the CPU, fit the same."""
+    x = torch.from_numpy(coffee_small).float()
+    scatter = kmeans(x, 24, seed=1, max_iter=8, device="cpu", chunk_bytes=2**16)  # many blocks
+    real_init = km._Assigner.__init__
+
+    def one_hot_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.one_hot_sums = True
+
+    monkeypatch.setattr(km._Assigner, "__init__", one_hot_init)
+    one_hot = kmeans(x, 24, seed=1, max_iter=8, device="cpu", chunk_bytes=2**16)
+    torch.testing.assert_close(one_hot.centers, scatter.centers, rtol=0, atol=1e-3)
+    assert (one_hot.labels == scatter.labels).float().mean() > 0.999
+
+
 # ---------------------------------------------------------------- CUDA
 @needs_cuda
 @pytest.mark.cuda
