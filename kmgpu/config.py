@@ -76,7 +76,7 @@ class RunConfig:
     refine_iter: int = 10
     starts: int = 0
     coarse_bits: int = 6
-    max_iter: int = 300
+    max_iter: int = 20
     tol: float = 1e-4
 
     def __post_init__(self) -> None:

@@ -218,7 +218,7 @@ def _coarse_bins(colors, counts, colors_of: _Ragged, bits: int, n_images: int):
     return (sums / bin_counts.unsqueeze(1)).float(), bins_of, bin_counts, inverse
 
 
-def _fit_group(bins, plan, colors, counts, colors_of, group, k, keys, *, seed, tol, n_init, device, clock):
+def _fit_group(bins, plan, colors, counts, colors_of, group, k, keys, *, seed, tol, relax, n_init, device, clock):
     """Fit the images ``group`` (indices into the batch), which share one ``plan``, in batched engine calls.
 
     ``plan`` lists the stages as (points, Lloyd steps at most): K-means on
@@ -230,7 +230,7 @@ def _fit_group(bins, plan, colors, counts, colors_of, group, k, keys, *, seed, t
     each padded distinct color (G, M_max), and the iterations run (G,).
     """
     rows = group.to(device)
-    options = dict(tol=tol, seed=seed, problem_keys=keys, device=device)
+    options = dict(tol=tol, relax=relax, seed=seed, problem_keys=keys, device=device)
     with stage(clock, "colors"):
         distinct = colors_of.pad(colors.float(), rows)
     init, iters = "k-means++", torch.zeros(group.numel(), dtype=torch.int64)
@@ -281,8 +281,9 @@ def fit_palettes(
     coarse_bits: int = 6,
     refine_iter: int = 10,
     coarse_n_init: int | None = None,
-    max_iter: int = 300,
+    max_iter: int = 20,
     tol: float = 1e-4,
+    relax: float = 1.8,
     clock: StageClock | None = None,
 ) -> list[Palette]:
     """Fit a palette to each image of a batch, in batched calls of the engine.
@@ -311,7 +312,14 @@ def fit_palettes(
         where a poor local optimum costs most (on the samples at k=16, 3 starts
         gave +0.05 to +0.2 dB) and that stage is cheap; 1 above.
     max_iter, tol
-        Limits of the coarse fit (see :func:`kmgpu.kmeans.kmeans`).
+        Limits of the first stage (the coarse fit, or the direct fit of an
+        image with few colors); ``tol`` also ends the refinement early.
+    relax : float
+        Over-relaxation of every stage's Lloyd steps (see
+        :func:`kmgpu.kmeans.kmeans`). On 12 photos, 1.8 with at most 20
+        coarse steps fitted palettes 0.02 dB closer to a full K-means fit, at
+        k = 16, 64 and 256, than plain Lloyd steps with up to 300, in 30% less
+        time.
     clock : StageClock, optional
         Adds the time of the stages "colors", "fit" and "assign" to it.
 
@@ -370,7 +378,7 @@ def fit_palettes(
             group = torch.tensor(members, dtype=torch.int64)
             stored, labels, iters = _fit_group(
                 bins, plan, colors, counts, colors_of, group, ks[group], ids[group],
-                seed=seed, tol=tol, n_init=coarse_n_init, device=dev, clock=clock,
+                seed=seed, tol=tol, relax=relax, n_init=coarse_n_init, device=dev, clock=clock,
             )  # fmt: skip
             label_of_group, mine = colors_of.unpad(labels, group.to(dev))
             label_of_color[mine] = label_of_group[mine]
@@ -588,7 +596,7 @@ def quantize(
         Larger images are refused before decoding.
     **options
         Engine knobs of :func:`fit_palettes` (``coarse_bits``, ``refine_iter``,
-        ``coarse_n_init``, ``max_iter``, ``tol``).
+        ``coarse_n_init``, ``max_iter``, ``tol``, ``relax``).
 
     Returns
     -------

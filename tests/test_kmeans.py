@@ -131,6 +131,27 @@ def test_each_problem_converges_on_its_own():
     assert float(r.history[first - 1].inertia[0]) == pytest.approx(float(r.inertia[0]), abs=1e-6)
 
 
+def test_over_relaxed_lloyd_never_rises_and_stops_at_a_lloyd_fixed_point(coffee_small):
+    x = torch.from_numpy(coffee_small).float()
+    r = kmeans(x, 32, seed=0, relax=1.8, tol=1e-9, max_iter=500, device="cpu")
+    assert bool(r.converged) and int(r.n_iter) > 10
+    inertias = [float(h.inertia) for h in r.history]
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(inertias, inertias[1:]))  # float32 distances are rounded
+    # A plain Lloyd step from where it stopped moves nothing: the centers are their clusters' means.
+    step = kmeans(x, 32, init=r.centers, max_iter=1, tol=0, device="cpu")
+    torch.testing.assert_close(step.centers, r.centers, rtol=0, atol=1e-3)
+
+
+def test_over_relaxation_fits_better_in_few_steps(coffee_small):
+    """From the same start, 8 over-relaxed steps leave a lower inertia than 8 of Lloyd's, at several k."""
+    x = torch.from_numpy(coffee_small).float()
+    for k in (16, 64):
+        start = kmeans(x, k, seed=1, max_iter=1, device="cpu").centers
+        plain = kmeans(x, k, init=start, max_iter=8, tol=0, device="cpu")
+        relaxed = kmeans(x, k, init=start, max_iter=8, tol=0, relax=1.8, device="cpu")
+        assert float(relaxed.inertia) < float(plain.inertia)
+
+
 def test_histogram_equals_all_pixels(coffee_small):
     pixels = torch.from_numpy(coffee_small)
     hist = color_histogram(pixels)
@@ -226,6 +247,8 @@ def test_single_point():
         (np.zeros((4, 2)), 2, {"init": np.zeros((1, 2))}, "init centers must have shape"),
         (np.zeros((4, 2)), 2, {"device": "gpu"}, "device='gpu' is not a device"),
         (np.zeros((4, 2)), 2, {"max_iter": 0}, "max_iter=0"),
+        (np.zeros((4, 2)), 2, {"relax": 2.0}, "relax=2.0 is out of range"),
+        (np.zeros((4, 2)), 2, {"relax": float("nan")}, "relax=nan is out of range"),
     ],
 )
 def test_bad_input_names_the_value(points, k, kwargs, message):
