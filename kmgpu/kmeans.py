@@ -583,8 +583,11 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
 
 
 def _draw_host(potential: np.ndarray, u: np.ndarray, by_weight: np.ndarray) -> np.ndarray:
-    """:func:`_weighted_draw` of one problem in NumPy, by weight alone (``by_weight``: its
-    cumulative sums) where the potential is 0 everywhere (every point already a center)."""
+    """:func:`_weighted_draw` for one problem, in NumPy.
+
+    Where the potential is 0 everywhere (every point already a center), the
+    draw is by weight alone, from ``by_weight``, the weights' cumulative sums.
+    """
     cum = torch.from_numpy(potential).cumsum(0).numpy()  # 4x faster than NumPy's cumsum
     if not cum[-1] > 0:
         cum = by_weight
@@ -601,7 +604,7 @@ def _kmeans_plusplus_host(x, w, k: torch.Tensor, k_max: int, streams: _Streams, 
     at k=256, and 1.9x on a batch of 16. The three products stay in torch,
     as float64 like the batched version: NumPy's BLAS keeps its worker
     threads spinning after a call, and they took a core from the Lloyd
-    passes that came next (1.5x slower).
+    passes that came next (about 1.6x slower).
     """
     B, N, d = x.shape
     n_trials = 2 + int(math.log(k_max))
@@ -858,9 +861,8 @@ def kmeans(
         Over-relaxation of the Lloyd update, 0 < relax < 2: each center moves
         ``relax`` times the way to its cluster's mean. 1 (the default) is
         Lloyd's algorithm; above 1 the inertia still never rises and the
-        fixed points are the same, reached in fewer iterations (on the color
-        histograms of 12 photos, 1.8 for 20 steps fitted better than 1 for
-        up to 300).
+        fixed points are the same, reached in fewer iterations (the image
+        path uses 1.8: see :func:`kmgpu.quantize.fit_palettes`).
 
     Returns
     -------
