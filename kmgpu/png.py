@@ -186,11 +186,13 @@ def encode_palette_png(
     #   these pixels, so the file is never larger than Pillow's. Packed (1 to
     #   4 bits) it takes the smooth order, which packs better;
     # - libpng's adaptive filters with zlib's Z_FILTERED strategy at up to
-    #   level 6 (level 9 costs 6x the time there for about 1%), on the smooth
-    #   order, which gives the filters neighbouring colors to predict from.
+    #   level 5, on the smooth order, which gives the filters neighbouring
+    #   colors to predict from. This stream is the slower one to deflate: level
+    #   6 took 1.4x the time of 5 for files 0.07% smaller (scripts/bench_png.py),
+    #   level 9 6x for about 1%.
     plain = given if bits == 8 else smooth
     # zlib and most of numpy release the GIL: the two candidates run side by side.
     with ThreadPoolExecutor(max_workers=2) as pool:
         unfiltered = pool.submit(lambda: file(plain, _filtered(plain[2], False), level, zlib.Z_DEFAULT_STRATEGY))
-        adaptive = pool.submit(lambda: file(smooth, _filtered(smooth[2], True), min(level, 6), zlib.Z_FILTERED))
+        adaptive = pool.submit(lambda: file(smooth, _filtered(smooth[2], True), min(level, 5), zlib.Z_FILTERED))
         return min(unfiltered.result(), adaptive.result(), key=len)
