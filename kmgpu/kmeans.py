@@ -231,9 +231,9 @@ def _nearest_into(part: torch.Tensor, best: torch.Tensor, labels: torch.Tensor, 
     taken without indices, and the index is searched only for the points
     whose previous center is no longer at the minimum. A point whose old
     center ties with another keeps the old one. On CUDA the plain ``min`` is
-    cheap and needs no host synchronisation, so it is used as it is.
+    cheap and needs no host synchronisation, so callers guess only on the CPU.
     """
-    if not guessed or part.device.type == "cuda":
+    if not guessed:
         torch.min(part, -1, out=(best, labels))
         return
     torch.amin(part, -1, out=best)
@@ -316,7 +316,8 @@ class _Assigner:
         ca = _augment_centers(centers, slot_ok)
         # Each block writes straight into these: a block costs a handful of operations, whose
         # overhead (about 200 us per block before) was 40% of a pass over 100k colors at k=256.
-        labels = torch.empty(B, N, dtype=torch.int64, device=self.x.device) if previous is None else previous.clone()
+        guessed = previous is not None and self.x.device.type != "cuda"  # see _nearest_into
+        labels = previous.clone() if guessed else torch.empty(B, N, dtype=torch.int64, device=self.x.device)
         min_dist = torch.empty(B, N, dtype=torch.float32, device=self.x.device)
         sum_x = sum_w = None
         if sums:
@@ -326,7 +327,7 @@ class _Assigner:
             for bs, ns in _blocks(B, N, k, self.budget):
                 xa = self.xa[bs, ns]
                 part = torch.bmm(xa, ca[bs], out=self._block_buffer(xa.shape[0], xa.shape[1], k))
-                _nearest_into(part, min_dist[bs, ns], labels[bs, ns], previous is not None)
+                _nearest_into(part, min_dist[bs, ns], labels[bs, ns], guessed)
                 if sums and self.one_hot_sums:
                     sx, sw = self._one_hot_sums(labels[bs, ns], bs, ns, part)
                     sum_x[bs] += sx

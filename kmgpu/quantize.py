@@ -9,11 +9,12 @@ Coarse to fine:
 
 1. The colors are binned on a grid of ``2**coarse_bits`` levels per channel;
    each occupied bin becomes one point at its members' mean color, weighted
-   by their count. K-means++ and Lloyd iterations to convergence run there
-   (a photo's 100k distinct colors become about 10k bins). Images with
-   few distinct colors (at most 8,192: graphics, logos) skip this step and
-   are fitted on their exact colors to convergence: as cheap, and a graphic's
-   heavy flat colors need centers exactly on them, which bin means miss.
+   by their count. K-means++ and up to ``max_iter`` over-relaxed Lloyd
+   iterations run there (a photo's 100k distinct colors become about 10k
+   bins). Images with few distinct colors (at most 8,192: graphics, logos)
+   skip this step and are fitted on their exact colors the same way: as
+   cheap, and a graphic's heavy flat colors need centers exactly on them,
+   which bin means miss.
 2. A few Lloyd iterations on the exact distinct colors polish the centers.
 3. The centers are rounded to the uint8 palette that will be stored, and
    every distinct color is assigned to its nearest palette entry, exactly,
