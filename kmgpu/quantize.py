@@ -46,7 +46,7 @@ from .imageio import (
     write_atomic,
 )
 from .kmeans import assign, kmeans
-from .metrics import psnr, ssim
+from .metrics import psnr, quality_of, ssim
 from .png import palette_size_error
 from .timing import StageClock, stage
 
@@ -350,7 +350,7 @@ def fit_palettes(
     sizes = torch.tensor([im.shape[0] for im in images])
     with stage(clock, "colors"):
         pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images])
-        if dev.type == "cuda":  # pinned pages let the copy run asynchronously
+        if dev.type == "cuda" and pixels.device.type == "cpu":  # pinned pages let the copy run asynchronously
             pixels = pixels.pin_memory()
         pixels = pixels.to(dev, non_blocking=True)
         image_of = torch.repeat_interleave(torch.arange(n, device=dev), sizes.to(dev))
@@ -469,6 +469,9 @@ class QuantizedImage:
         Time of the fit and the mapping of every pixel.
     n_iter : int
         Lloyd iterations.
+    measured : (float, float), optional
+        PSNR and SSIM, when they were measured where the fit ran (on CUDA,
+        with the pixels already there); else they are computed on first use.
     """
 
     palette: np.ndarray
@@ -478,6 +481,7 @@ class QuantizedImage:
     dither: str = "none"
     seconds: float = 0.0
     n_iter: int = 0
+    measured: tuple[float, float] | None = None
 
     def reconstruct(self) -> np.ndarray:
         """The quantized pixels, (H, W, C) uint8, as a viewer decodes the PNG."""
@@ -486,11 +490,15 @@ class QuantizedImage:
     @property
     def psnr(self) -> float:
         """PSNR in dB against the decoded input, over every channel value."""
+        if self.measured is not None:
+            return self.measured[0]
         return psnr(self.source.pixels, self.reconstruct())
 
     @property
     def ssim(self) -> float:
         """SSIM of the luma against the decoded input."""
+        if self.measured is not None:
+            return self.measured[1]
         return ssim(self.source.pixels, self.reconstruct())
 
     def png_bytes(self, *, level: int = 6) -> bytes:
@@ -520,6 +528,9 @@ def _dither_fs(pixels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return np.asarray(mapped).copy()
 
 
+_GPU_METRICS_PIXELS = 32_000_000
+
+
 def quantize_batch(
     images: Sequence[ImageLike],
     k: int = 64,
@@ -545,28 +556,48 @@ def quantize_batch(
         raise ValueError(problem)
     loaded = [as_loaded(im, max_pixels=max_pixels) for im in images]
     keys = list(range(len(loaded))) if keys is None else list(keys)
+    dev = resolve_device(device)
+    # On CUDA the pixels go up once, in one pinned copy, for the fit and then for PSNR and SSIM,
+    # which the GPU measures in milliseconds where the CPU took longer than the fit.
+    on_gpu = dev.type == "cuda"
     results: list[QuantizedImage | None] = [None] * len(loaded)
     for channels in sorted({im.pixels.shape[2] for im in loaded}):
         members = [i for i, im in enumerate(loaded) if im.pixels.shape[2] == channels]
         t0 = time.perf_counter()
         flats = [torch.from_numpy(loaded[i].pixels.reshape(-1, channels)) for i in members]
+        if on_gpu:
+            sizes = [f.shape[0] for f in flats]
+            flats = list(torch.cat(flats).pin_memory().to(dev, non_blocking=True).split(sizes))
         palettes = fit_palettes(
-            flats, int(k), seed=seed, keys=[keys[i] for i in members], device=device, clock=clock, **options
+            flats, int(k), seed=seed, keys=[keys[i] for i in members], device=dev, clock=clock, **options
         )
         share = (time.perf_counter() - t0) / len(members)
-        for i, pal in zip(members, palettes):
+        dithered = dither == "fs" and channels in (1, 3)
+        measured: list[tuple[float, float] | None] = [None] * len(members)
+        # (An image above _GPU_METRICS_PIXELS is measured on the CPU: its float64 planes could fill the GPU.)
+        on_device = [j for j, f in enumerate(flats) if on_gpu and not dithered and f.shape[0] <= _GPU_METRICS_PIXELS]
+        if on_device:
+            with stage(clock, "metrics"):
+                values = torch.stack([
+                    quality_of(flats[j].view(loaded[i].height, loaded[i].width, channels), palettes[j].colors,
+                               palettes[j].indices.view(loaded[i].height, loaded[i].width))
+                    for j, i in ((j, members[j]) for j in on_device)
+                ]).tolist()  # fmt: skip
+                for j, (q, s) in zip(on_device, values):
+                    measured[j] = (q, s)
+        for i, pal, quality in zip(members, palettes, measured):
             src = loaded[i]
             t1 = time.perf_counter()
             with stage(clock, "assign"):
                 colors = pal.colors.cpu().numpy()
-                if dither == "fs" and channels in (1, 3):
+                if dithered:
                     indices = _dither_fs(src.pixels, colors)
                 else:
                     if dither == "fs":
                         src.notes.append("dithering is not applied to images with transparency")
                     indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
             seconds = share + time.perf_counter() - t1
-            results[i] = QuantizedImage(colors, indices, src, int(k), dither, seconds, pal.n_iter)
+            results[i] = QuantizedImage(colors, indices, src, int(k), dither, seconds, pal.n_iter, quality)
     return results  # type: ignore[return-value]
 
 

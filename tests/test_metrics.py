@@ -2,10 +2,21 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from kmgpu.metrics import bits_per_pixel, lossless_png_bytes, luma, psnr, ssim
+from kmgpu.metrics import (
+    _blur,
+    _blur_stack,
+    _gaussian_taps,
+    bits_per_pixel,
+    lossless_png_bytes,
+    luma,
+    psnr,
+    quality_of,
+    ssim,
+)
 
 from .conftest import SAMPLES
 
@@ -51,3 +62,33 @@ def test_sizes():
     Image.fromarray(a).save(buf, format="PNG")
     assert lossless_png_bytes(a) == buf.tell()
     assert bits_per_pixel(1000, 100, 10) == 8.0
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "LA", "RGBA"])
+def test_quality_of_tensors_equals_psnr_and_ssim(mode):
+    """The on-device measure (used on CUDA) gives the numbers of the NumPy one."""
+    with Image.open(SAMPLES / "coffee.png") as im:
+        im = im.convert("RGB").resize((150, 100))
+    if mode in ("LA", "RGBA"):
+        im.putalpha(Image.linear_gradient("L").resize(im.size))
+    im = im.convert(mode)
+    a = np.asarray(im).reshape(im.height, im.width, -1)
+    q = im.quantize(16, method=Image.Quantize.FASTOCTREE) if mode == "RGBA" else im.convert("RGB").quantize(16)
+    b = np.asarray(q.convert(mode)).reshape(a.shape)
+    palette, inverse = np.unique(b.reshape(-1, a.shape[2]), axis=0, return_inverse=True)
+    indices = inverse.reshape(im.height, im.width)
+    assert np.array_equal(palette[indices], b) and 0 < psnr(a, b) < 60
+    got = quality_of(torch.tensor(a), torch.tensor(palette), torch.tensor(indices)).tolist()
+    assert got[0] == pytest.approx(psnr(a, b), rel=1e-12) and got[1] == pytest.approx(ssim(a, b), abs=1e-12)
+    own, inverse = np.unique(a.reshape(-1, a.shape[2]), axis=0, return_inverse=True)
+    same = quality_of(torch.tensor(a), torch.tensor(own), torch.tensor(inverse.reshape(im.height, im.width)))
+    assert same[0].item() == float("inf") and same[1].item() == pytest.approx(1.0)
+
+
+def test_grouped_convolution_blur_equals_shifted_sums():
+    rng = np.random.default_rng(2)
+    maps = torch.from_numpy(rng.uniform(0, 255 * 255, size=(3, 37, 52)))
+    for size in (11, 5):
+        taps = _gaussian_taps(size, 1.5 * size / 11)
+        ref = torch.stack([_blur(m, taps) for m in maps])
+        torch.testing.assert_close(_blur_stack(maps, taps), ref, rtol=1e-13, atol=1e-9)
