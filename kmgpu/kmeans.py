@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import kernels
 from .device import chunk_budget_bytes, exact_float32_matmul, resolve_device
 
 __all__ = [
@@ -260,6 +261,8 @@ class _Assigner:
         # rounding) changes from run to run; a one-hot product is
         # deterministic. On the CPU scatter_add is deterministic and cheaper.
         self.one_hot_sums = x.device.type == "cuda"
+        # On CUDA (with Triton) a fused kernel does the search and the sums (see kernels.py).
+        self.fused = kernels.usable(x.device) and 1 <= x.shape[-1] <= 4 and x.shape[0] <= 65_535
         self._scratch = torch.empty(0, device=x.device)
         self._xw = self._w64 = None
 
@@ -267,6 +270,7 @@ class _Assigner:
         new = _Assigner.__new__(_Assigner)
         new.x, new.w, new.xa, new.x_sq = self.x[idx], self.w[idx], self.xa[idx], self.x_sq[idx]
         new.budget, new.one_hot_sums, new._scratch = self.budget, self.one_hot_sums, self._scratch
+        new.fused = self.fused
         new._xw = None if self._xw is None else self._xw[idx]
         new._w64 = None if self._w64 is None else self._w64[idx]
         return new
@@ -311,6 +315,11 @@ class _Assigner:
         sum_x : (B, k, d) float64 weighted sums of the points of each cluster (if ``sums``)
         sum_w : (B, k) float64 total weight of each cluster (if ``sums``)
         """
+        if self.fused:
+            try:
+                return kernels.nearest(self.x, centers, slot_ok, self.w if sums else None)
+            except kernels.KernelUnavailable:
+                self.fused = False
         B, N, d = self.x.shape
         k = centers.shape[1]
         ca = _augment_centers(centers, slot_ok)
