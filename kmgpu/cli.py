@@ -277,12 +277,16 @@ def run_command(
         Path | None, typer.Option("--config", "-c", help="A TOML file of settings (see configs/).", dir_okay=False)
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. Default: auto.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batched fit, at most. Default: 16.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per batched fit, at most; -1: 16 on the CPU, 64 on CUDA. Default: -1.")
+    ] = None,
     batch_pixels: Annotated[int | None, typer.Option(help="Pixels per batch, at most. Default: 16000000.")] = None,
     workers: Annotated[
         int | None, typer.Option(help="Decoding processes; 0 inline; -1 one per core. Default: -1.")
     ] = None,
-    writers: Annotated[int | None, typer.Option(help="PNG encoding threads. Default: 2.")] = None,
+    writers: Annotated[
+        int | None, typer.Option(help="PNG encoding threads; -1: 2 on the CPU, half the cores on CUDA. Default: -1.")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Skip images a previous run in --out finished.")] = True,
     overwrite: Annotated[
         bool, typer.Option(help="Start over, or write into a folder that is not a kmgpu run.")

@@ -45,7 +45,10 @@ class RunConfig:
     dither : str
         none or fs (Floyd-Steinberg).
     batch_size : int
-        Images fitted together in one batched engine call, at most.
+        Images fitted together in one batched engine call, at most; -1
+        chooses: 16 on the CPU (where worker processes fit one image each
+        anyway), 64 on CUDA, where a batch's fixed cost (kernel launches, a
+        few host synchronisations per Lloyd step) is spread over more images.
     batch_pixels : int
         Pixels in one batch, at most (a larger single image goes alone).
     workers : int
@@ -53,7 +56,9 @@ class RunConfig:
         decodes in the main process; -1 chooses: one per CPU core (8 at most) on
         the CPU device, where the workers do the fitting, 4 at most on CUDA.
     writers : int
-        Threads that encode and write PNGs and measure PSNR/SSIM.
+        Threads that encode and write PNGs (and, but on CUDA, measure
+        PSNR/SSIM); -1 chooses: 2 on the CPU, where the worker processes
+        encode, and on CUDA half the cores, 8 at most (zlib releases the GIL).
     level : int
         zlib level of the PNGs, 0 to 9.
     max_pixels : int
@@ -67,10 +72,10 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     dither: str = "none"
-    batch_size: int = 16
+    batch_size: int = -1
     batch_pixels: int = 16_000_000
     workers: int = -1
-    writers: int = 2
+    writers: int = -1
     level: int = 6
     max_pixels: int = DEFAULT_MAX_PIXELS
     refine_iter: int = 10
@@ -85,10 +90,10 @@ class RunConfig:
             raise ConfigError(problem)
         checks = [
             (self.dither in ("none", "fs"), f"dither={self.dither!r} is not a dithering mode: use none or fs"),
-            (self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1"),
+            (self.batch_size >= 1 or self.batch_size == -1, f"batch_size={self.batch_size} must be -1 or 1 or more"),
             (self.batch_pixels >= 1, f"batch_pixels={self.batch_pixels} must be at least 1"),
             (self.workers >= -1, f"workers={self.workers} must be -1 (automatic), 0 or more"),
-            (self.writers >= 1, f"writers={self.writers} must be at least 1"),
+            (self.writers >= 1 or self.writers == -1, f"writers={self.writers} must be -1 (automatic) or 1 or more"),
             (0 <= self.level <= 9, f"level={self.level} is out of range: zlib levels are 0 to 9"),
             (self.max_pixels >= 1, f"max_pixels={self.max_pixels} must be at least 1"),
             (self.refine_iter >= 0, f"refine_iter={self.refine_iter} must be 0 or more"),
@@ -117,6 +122,27 @@ class RunConfig:
             return self.workers
         cores = os.cpu_count() or 1
         return min(cores, 8) if device_type == "cpu" else min(cores, 4)
+
+    def writer_count(self, device_type: str) -> int:
+        """The number of PNG writer threads on a device of this type."""
+        if self.writers >= 1:
+            return self.writers
+        return 2 if device_type == "cpu" else max(2, min(8, (os.cpu_count() or 1) // 2))
+
+    def batch_count(self, device_type: str) -> int:
+        """The most images in one batched fit on a device of this type."""
+        if self.batch_size >= 1:
+            return self.batch_size
+        return 16 if device_type == "cpu" else 64
+
+    def effective(self, device_type: str) -> RunConfig:
+        """These settings with every automatic count (-1) resolved for a device of this type."""
+        return dataclasses.replace(
+            self,
+            workers=self.worker_count(device_type),
+            writers=self.writer_count(device_type),
+            batch_size=self.batch_count(device_type),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

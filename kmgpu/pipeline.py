@@ -456,6 +456,7 @@ def run(
     t_start = time.perf_counter()
     ctx = from_environment()
     device = resolve_device(ctx.device(config.device))
+    config = config.effective(device.type)  # automatic counts resolved, as summary.json records them
     ctx.start(device)
     try:
         return _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progress, note, started, t_start)

@@ -80,6 +80,8 @@ def test_run_end_to_end(tmp_path):
     assert summary["bytes_out"] == sum(r["bytes_out"] for r in ok)
     assert summary["bytes_in"] == sum(r["bytes_in"] for r in ok)
     assert summary["config"]["k"] == 16 and summary["versions"]["torch"]
+    # the effective settings: automatic writers resolved for the CPU
+    assert summary["config"]["workers"] == 2 and summary["config"]["writers"] == 2
     on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert on_disk == sorted(r["output"] for r in ok)
     assert result.output.count("kmgpu: error:") == 3
@@ -266,3 +268,21 @@ def test_automatic_worker_count(monkeypatch):
     assert RunConfig(workers=3).worker_count("cpu") == 3 and RunConfig(workers=0).worker_count("cuda") == 0
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert RunConfig().worker_count("cpu") == 2
+
+
+def test_automatic_writers_and_batch_size(monkeypatch):
+    from kmgpu.config import ConfigError, RunConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    auto = RunConfig()
+    assert (auto.writer_count("cpu"), auto.writer_count("cuda")) == (2, 8)
+    assert (auto.batch_count("cpu"), auto.batch_count("cuda")) == (16, 64)
+    gpu = auto.effective("cuda")
+    assert (gpu.workers, gpu.writers, gpu.batch_size) == (4, 8, 64) and gpu.k == auto.k
+    fixed = RunConfig(writers=3, batch_size=5, workers=1).effective("cuda")
+    assert (fixed.workers, fixed.writers, fixed.batch_size) == (1, 3, 5)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert RunConfig().writer_count("cuda") == 2
+    for bad in (dict(writers=0), dict(writers=-2), dict(batch_size=0), dict(batch_size=-3)):
+        with pytest.raises(ConfigError, match="must be -1"):
+            RunConfig(**bad)
