@@ -24,6 +24,9 @@ from .png import palette_size_error
 __all__ = ["ConfigError", "RunConfig", "load_config"]
 
 
+_AUTO_OR_POSITIVE = "must be -1 (automatic) or 1 or more"
+
+
 class ConfigError(ValueError):
     """A config file or a setting that cannot be used."""
 
@@ -90,10 +93,10 @@ class RunConfig:
             raise ConfigError(problem)
         checks = [
             (self.dither in ("none", "fs"), f"dither={self.dither!r} is not a dithering mode: use none or fs"),
-            (self.batch_size >= 1 or self.batch_size == -1, f"batch_size={self.batch_size} must be -1 or 1 or more"),
+            (self.batch_size >= 1 or self.batch_size == -1, f"batch_size={self.batch_size} {_AUTO_OR_POSITIVE}"),
             (self.batch_pixels >= 1, f"batch_pixels={self.batch_pixels} must be at least 1"),
             (self.workers >= -1, f"workers={self.workers} must be -1 (automatic), 0 or more"),
-            (self.writers >= 1 or self.writers == -1, f"writers={self.writers} must be -1 (automatic) or 1 or more"),
+            (self.writers >= 1 or self.writers == -1, f"writers={self.writers} {_AUTO_OR_POSITIVE}"),
             (0 <= self.level <= 9, f"level={self.level} is out of range: zlib levels are 0 to 9"),
             (self.max_pixels >= 1, f"max_pixels={self.max_pixels} must be at least 1"),
             (self.refine_iter >= 0, f"refine_iter={self.refine_iter} must be 0 or more"),
