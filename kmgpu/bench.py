@@ -396,6 +396,11 @@ def format_report(r: dict) -> str:
         f"\nengine: assignment step ({FLOPS_PER_POINT_CENTER} flops and {BYTES_PER_POINT_CENTER} bytes per point "
         "and center), fits of 10 Lloyd steps"
     )
+    if any(e["device"] == "cuda" for e in r["engine"]):
+        lines.append(
+            "  (on CUDA the fused kernel runs the step and writes no distance block: its GB/s and %copy\n"
+            "  count the product path's traffic for the same work, a like-for-like rate, not bytes moved)"
+        )
     lines.append(f"  {'dev':<5}{'B':>4}{'N':>9}{'k':>5}{'Gpix-it/s':>11}{'GFLOP/s':>9}{'%fma':>6}{'%matmul':>8}"
                  f"{'GB/s':>8}{'%copy':>6}{'fits/s':>9}")  # fmt: skip
     for e in r["engine"]:

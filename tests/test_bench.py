@@ -45,6 +45,11 @@ def test_quick_cpu_bench_json(tmp_path, monkeypatch):
         assert finite_positive(peers[ran]["psnr"])
     assert peers["kmgpu"]["psnr"] > peers["Pillow median cut"]["psnr"]
     assert "skipped (not installed)" in result.output and "end to end" in result.output
+    assert "fused kernel" not in result.output  # the CUDA caveat only where there are CUDA rows
+    from kmgpu.bench import format_report
+
+    r["engine"].append({**r["engine"][0], "device": "cuda"})
+    assert "fused kernel runs the step" in format_report(r)
 
 
 def test_bench_without_a_device(tmp_path):
