@@ -42,11 +42,17 @@ class KernelUnavailable(RuntimeError):
     """Triton could not build or launch the kernel here (no compiler, say): use the generic path."""
 
 
-def usable(device: torch.device) -> bool:
-    """Whether the fused kernel runs on ``device`` here (Triton is imported on first need only)."""
+def _shape_ok(x: torch.Tensor) -> bool:
+    """(B, N, d) points the kernel takes: 1 to 4 channels, at most _MAX_PROBLEMS problems."""
+    return 1 <= x.shape[-1] <= 4 and x.shape[0] <= _MAX_PROBLEMS
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the fused kernel runs on the points ``x`` (B, N, d) here (Triton is imported on first need only)."""
     global _broken
-    if _broken is not None or os.environ.get("KMGPU_TRITON", "1") == "0":
+    if _broken is not None or os.environ.get("KMGPU_TRITON", "1") == "0" or not _shape_ok(x):
         return False
+    device = x.device
     if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     try:
@@ -74,7 +80,7 @@ def nearest(x: torch.Tensor, centers: torch.Tensor, slot_ok: torch.Tensor, w: to
     """
     B, N, D = x.shape
     K = centers.shape[1]
-    if not 1 <= D <= 4 or B > _MAX_PROBLEMS:
+    if not _shape_ok(x):
         raise ValueError(f"the fused kernel takes 1 to 4 channels and at most {_MAX_PROBLEMS} problems")
     x = x.to(torch.float32).contiguous()
     c = centers.to(device=x.device, dtype=torch.float32).contiguous()

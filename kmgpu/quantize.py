@@ -578,11 +578,12 @@ def quantize_batch(
         on_device = [j for j, f in enumerate(flats) if on_gpu and not dithered and f.shape[0] <= _GPU_METRICS_PIXELS]
         if on_device:
             with stage(clock, "metrics"):
-                values = torch.stack([
-                    quality_of(flats[j].view(loaded[i].height, loaded[i].width, channels), palettes[j].colors,
-                               palettes[j].indices.view(loaded[i].height, loaded[i].width))
-                    for j, i in ((j, members[j]) for j in on_device)
-                ]).tolist()  # fmt: skip
+                qualities = []
+                for j in on_device:
+                    h, w = loaded[members[j]].height, loaded[members[j]].width
+                    qualities.append(quality_of(flats[j].view(h, w, channels), palettes[j].colors,
+                                                palettes[j].indices.view(h, w)))  # fmt: skip
+                values = torch.stack(qualities).tolist()  # one transfer for the batch
                 for j, (q, s) in zip(on_device, values):
                     measured[j] = (q, s)
         for i, pal, quality in zip(members, palettes, measured):

@@ -59,7 +59,7 @@ INTERPRETED = CHECKS + textwrap.dedent("""
     from kmgpu import kmeans
     from kmgpu.kmeans import assign
 
-    assert kernels.usable(torch.device("cpu"))
+    assert kernels.usable(torch.zeros(1, 1, 3))
     try:
         kernels.nearest(torch.zeros(1, 3, 3), torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.bool))
     except kernels.KernelUnavailable:  # older Tritons' interpreters cannot run it (3.6 could not)
@@ -108,14 +108,17 @@ def test_falls_back_where_the_kernel_cannot_start(monkeypatch, coffee_small):
         calls.append(1)
         raise kernels.KernelUnavailable("no C compiler")
 
-    monkeypatch.setattr(kernels, "usable", lambda device: True)
+    monkeypatch.setattr(kernels, "usable", lambda x: True)
     monkeypatch.setattr(kernels, "nearest", broken)
     a = kmeans(coffee_small, 8, seed=0, max_iter=5, device="cpu")
     monkeypatch.undo()
     b = kmeans(coffee_small, 8, seed=0, max_iter=5, device="cpu")
     assert calls and torch.equal(a.centers, b.centers) and torch.equal(a.labels, b.labels)
+    # Refused before Triton is imported (under the interpreter flag, a CPU tensor could run it).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not kernels.usable(torch.zeros(1, 1, 5))  # five channels
     monkeypatch.setenv("KMGPU_TRITON", "0")
-    assert not kernels.usable(torch.device("cuda"))
+    assert not kernels.usable(torch.zeros(1, 1, 3))
 
 
 def test_kernel_shapes_refused():
@@ -129,7 +132,7 @@ def test_kernel_shapes_refused():
 def test_kernel_on_the_gpu():
     namespace: dict = {}
     exec(CHECKS, namespace)
-    assert kernels.usable(torch.device("cuda"))
+    assert kernels.usable(torch.zeros(1, 1, 3, device="cuda"))
     namespace["check_nearest"]("cuda")
 
 
