@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,15 @@ from PIL import Image
 from sklearn.cluster import KMeans as SKKMeans
 
 from kmgpu.metrics import psnr
-from kmgpu.quantize import color_histogram, fit_palette, fit_palettes, quantize_pixels
+from kmgpu.quantize import (
+    _CPU_PADDING,
+    _SMALL_GROUP,
+    _size_groups,
+    color_histogram,
+    fit_palette,
+    fit_palettes,
+    quantize_pixels,
+)
 
 from .conftest import SAMPLES, sample_pixels
 
@@ -94,6 +104,33 @@ def test_a_batch_fits_each_image_as_alone():
         assert got.indices.dtype == torch.uint8 and got.indices.shape == (image.shape[0],)
     assert batch[2].colors.shape[0] == 2 and torch.equal(batch[2].reconstruct(), flat)
     assert batch[1].colors.shape[0] == 100 and batch[1].n_iter > 0
+
+
+def test_a_batch_is_cut_into_groups_of_similar_size_on_the_cpu():
+    sizes = [100_000, 3_000, 90_000, 2_900, 20_000, 2_500, 900, 30_000]
+    groups = _size_groups(list(range(len(sizes))), sizes, cpu=True)
+    assert sorted(b for g in groups for b in g) == list(range(len(sizes)))
+    for g in groups:
+        padded = max(sizes[b] for b in g) * len(g)
+        assert len(g) == 1 or padded <= min(_SMALL_GROUP, _CPU_PADDING * sum(sizes[b] for b in g))
+    assert [0] in groups and [2] in groups  # large images are fitted one by one
+    assert any({1, 3, 5} <= set(g) for g in groups)  # small ones of similar size together
+    assert not any({1, 6} <= set(g) for g in groups)  # but not padded 3x
+    assert _size_groups(list(range(8)), sizes, cpu=False) == [list(range(8))]  # CUDA: one group
+
+
+def test_images_grouped_by_size_fit_as_alone(monkeypatch):
+    module = sys.modules["kmgpu.quantize"]
+    seen, fit_group = [], module._fit_group
+    monkeypatch.setattr(module, "_fit_group", lambda *a, **kw: seen.append(a[5].tolist()) or fit_group(*a, **kw))
+    photo = sample_pixels("rocket.jpg", step=2)
+    images = [torch.from_numpy(photo[a : a + n].copy()) for a, n in [(0, 40_000), (5_000, 3_000), (9_000, 2_800),
+                                                                    (20_000, 2_600), (30_000, 700)]]  # fmt: skip
+    batch = fit_palettes(images, 32, seed=1, keys=[1, 2, 3, 4, 5], device="cpu")
+    for key, image, got in zip([1, 2, 3, 4, 5], images, batch):
+        alone = fit_palette(image, 32, seed=1, device="cpu", keys=[key])
+        assert torch.equal(got.colors, alone.colors) and torch.equal(got.indices, alone.indices)
+    assert max(len(g) for g in seen[:3]) >= 3  # the batch's own groups: the small crops went together
 
 
 def test_images_with_different_channel_counts_are_refused():
