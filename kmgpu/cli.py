@@ -282,7 +282,10 @@ def run_command(
     ] = None,
     batch_pixels: Annotated[int | None, typer.Option(help="Pixels per batch, at most. Default: 16000000.")] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Decoding processes; 0 inline; -1 one per core. Default: -1.")
+        int | None,
+        typer.Option(
+            help="Decoding processes; 0 inline; -1: cores + 1 on the CPU (8 at most), 4 on CUDA. Default: -1."
+        ),
     ] = None,
     writers: Annotated[
         int | None, typer.Option(help="PNG encoding threads; -1: 2 on the CPU, half the cores on CUDA. Default: -1.")

@@ -5,7 +5,8 @@ Builds a folder of a few hundred PNGs from the bundled samples (crops and scales
 several sizes), then times, each in a fresh process:
 
 - ``kmgpu run`` for each device (cpu, and cuda when present), with ``--batch-size 1
-  --workers 0`` and with batching and workers;
+  --workers 0``, with batching and workers, and with the automatic defaults (the
+  batch size and workers they chose in parentheses);
 - ``pngquant --nofs --speed 3`` over the same files with as many parallel processes as
   there are CPU cores (``--pngquant-jobs``), when pngquant is on PATH.
 
@@ -61,10 +62,13 @@ def peak_rss_of(cmd: list[str], env: dict) -> tuple[float, float, subprocess.Com
     return wall, rss_kib / 1024, done
 
 
-def run_kmgpu(folder: Path, out: Path, device: str, batch: int, workers: int, k: int) -> dict:
+def run_kmgpu(folder: Path, out: Path, device: str, batch: int | None, workers: int | None, k: int) -> dict:
+    """One ``kmgpu run``; ``batch`` and ``workers`` None leave them automatic."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "kmgpu", "run", str(folder), "--out", str(out), "--k", str(k), "--device", device]
-    cmd += ["--batch-size", str(batch), "--workers", str(workers), "--no-progress", "--no-resume", "--overwrite"]
+    if batch is not None:
+        cmd += ["--batch-size", str(batch), "--workers", str(workers)]
+    cmd += ["--no-progress", "--no-resume", "--overwrite"]
     wall, rss, _ = peak_rss_of(cmd, env)
     summary = json.loads((out / "summary.json").read_text())
     return {"wall": wall, "rss": rss, "summary": summary}
@@ -122,10 +126,14 @@ def main() -> None:
         print(head)
         print("-" * len(head))
         for device in devices:
-            for batch, workers in ((1, 0), (args.batch_size, 0), (1, args.workers), (args.batch_size, args.workers)):
+            runs = ((1, 0), (args.batch_size, 0), (1, args.workers), (args.batch_size, args.workers), (None, None))
+            for batch, workers in runs:
                 r = run_kmgpu(folder, work / "out", device, batch, workers, args.k)
                 s = r["summary"]
                 label = f"kmgpu {device} --batch-size {batch} --workers {workers}"
+                if batch is None:
+                    used = s["config"]
+                    label = f"kmgpu {device} defaults ({used['batch_size']} / {used['workers']})"
                 print(
                     f"{label:<44}{r['wall']:>8.2f}{args.images / r['wall']:>8.2f}{mp / r['wall']:>7.2f}"
                     f"{s['megapixels_per_second']:>10.2f}{s['psnr_mean']:>7.2f}{s['bytes_out']:>12,}{r['rss']:>10.0f}"

@@ -267,7 +267,7 @@ def test_automatic_worker_count(monkeypatch):
     assert RunConfig().worker_count("cpu") == 8 and RunConfig().worker_count("cuda") == 4
     assert RunConfig(workers=3).worker_count("cpu") == 3 and RunConfig(workers=0).worker_count("cuda") == 0
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert RunConfig().worker_count("cpu") == 2
+    assert RunConfig().worker_count("cpu") == 3 and RunConfig().worker_count("cuda") == 2
 
 
 def test_automatic_writers_and_batch_size(monkeypatch):
