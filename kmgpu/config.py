@@ -31,6 +31,14 @@ class ConfigError(ValueError):
     """A config file or a setting that cannot be used."""
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as torch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Settings of ``kmgpu run``; each is also a config-file key and a CLI flag.
@@ -123,7 +131,7 @@ class RunConfig:
         """The number of DataLoader workers to start on a device of this type."""
         if self.workers >= 0:
             return self.workers
-        cores = os.cpu_count() or 1
+        cores = available_cores()
         # On the CPU each worker fits and encodes whole images on one thread; one more worker
         # than cores fills the moments a worker waits (for the main process's writes, for a
         # pipe): on 2 cores, 3 workers ran the bench_run folder 1.15-1.2x faster than 2, and 4
@@ -134,7 +142,7 @@ class RunConfig:
         """The number of PNG writer threads on a device of this type."""
         if self.writers >= 1:
             return self.writers
-        return 2 if device_type == "cpu" else max(2, min(8, (os.cpu_count() or 1) // 2))
+        return 2 if device_type == "cpu" else max(2, min(8, available_cores() // 2))
 
     def batch_count(self, device_type: str) -> int:
         """The most images in one batched fit on a device of this type."""

@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .config import RunConfig
+from .config import RunConfig, available_cores
 from .data import (
     IMAGE_SUFFIXES,
     DecodeDataset,
@@ -511,14 +512,19 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         shard=shard,
         work=functools.partial(quantize_in_worker, config=config) if in_workers else None,
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=identity_collate,
-        worker_init_fn=torch_threads_for_workers if workers else None,
-        prefetch_factor=4 if workers else None,
-    )
+    with warnings.catch_warnings():
+        if workers <= available_cores() + 1:
+            # kmgpu's own choice on the CPU (see RunConfig.worker_count): not torch's concern.
+            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=identity_collate,
+            worker_init_fn=torch_threads_for_workers if workers else None,
+            prefetch_factor=4 if workers else None,
+        )
+        samples = iter(loader)  # torch checks the worker count again here
     counters = _Counters()
     clock = StageClock(device)
     bar = tqdm(
@@ -548,7 +554,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     try:
         batch: list[Sample] = []
         pixels = 0
-        for sample in loader:
+        for sample in samples:
             clock.add({"decode": sample.decode_ms / 1e3})
             if sample.encoded is not None or (in_workers and sample.error is not None):
                 # done in a worker: flush what waits before it, to keep the order

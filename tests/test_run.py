@@ -263,17 +263,40 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_automatic_worker_count(monkeypatch):
     from kmgpu.config import RunConfig
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("kmgpu.config.available_cores", lambda: 16)
     assert RunConfig().worker_count("cpu") == 8 and RunConfig().worker_count("cuda") == 4
     assert RunConfig(workers=3).worker_count("cpu") == 3 and RunConfig(workers=0).worker_count("cuda") == 0
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("kmgpu.config.available_cores", lambda: 2)
     assert RunConfig().worker_count("cpu") == 3 and RunConfig().worker_count("cuda") == 2
+
+
+def test_the_automatic_worker_count_raises_no_torch_warning(tmp_path):
+    """cores + 1 workers is kmgpu's choice: torch's oversubscription warning stays silent, unless asked for more."""
+    import warnings
+
+    from kmgpu.config import RunConfig, available_cores
+    from kmgpu.pipeline import run
+
+    cores = available_cores()  # torch suggests at most this many workers, and warns above
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(src / "a.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run([src], out=tmp_path / "auto", config=RunConfig(k=4, device="cpu"), progress=False)
+    assert result.exit_code == 0 and (tmp_path / "auto" / "a.png").exists()
+    assert RunConfig(k=4).worker_count("cpu") == min(cores + 1, 8)
+    assert not [w for w in caught if "DataLoader will create" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run([src], out=tmp_path / "many", config=RunConfig(k=4, workers=cores + 3, device="cpu"), progress=False)
+    assert [w for w in caught if "DataLoader will create" in str(w.message)]
 
 
 def test_automatic_writers_and_batch_size(monkeypatch):
     from kmgpu.config import ConfigError, RunConfig
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("kmgpu.config.available_cores", lambda: 16)
     auto = RunConfig()
     assert (auto.writer_count("cpu"), auto.writer_count("cuda")) == (2, 8)
     assert (auto.batch_count("cpu"), auto.batch_count("cuda")) == (16, 64)
@@ -281,7 +304,7 @@ def test_automatic_writers_and_batch_size(monkeypatch):
     assert (gpu.workers, gpu.writers, gpu.batch_size) == (4, 8, 64) and gpu.k == auto.k
     fixed = RunConfig(writers=3, batch_size=5, workers=1).effective("cuda")
     assert (fixed.workers, fixed.writers, fixed.batch_size) == (1, 3, 5)
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("kmgpu.config.available_cores", lambda: 2)
     assert RunConfig().writer_count("cuda") == 2
     for bad in (dict(writers=0), dict(writers=-2), dict(batch_size=0), dict(batch_size=-3)):
         with pytest.raises(ConfigError, match="must be -1"):
