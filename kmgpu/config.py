@@ -64,8 +64,9 @@ class RunConfig:
         Pixels in one batch, at most (a larger single image goes alone).
     workers : int
         DataLoader processes that decode images (and, on the CPU, fit them); 0
-        decodes in the main process; -1 chooses: one per CPU core (8 at most) on
-        the CPU device, where the workers do the fitting, 4 at most on CUDA.
+        decodes in the main process; -1 chooses: one more than the CPU cores (8
+        at most) on the CPU device, where the workers do the fitting, 4 at most
+        on CUDA.
     writers : int
         Threads that encode and write PNGs (and, but on CUDA, measure
         PSNR/SSIM); -1 chooses: 2 on the CPU, where the worker processes
