@@ -247,15 +247,15 @@ def _nearest_into(part: torch.Tensor, best: torch.Tensor, labels: torch.Tensor, 
 class _Assigner:
     """Nearest-center search and weighted sums over (B, N, d) points, in blocks.
 
-    Holds the points with a column of ones appended, their squared norms and
-    weights, so that every Lloyd iteration reuses them.
+    Holds the points and weights, and, once the product path first needs
+    them, the points with a column of ones appended and their squared norms,
+    so that every Lloyd iteration reuses them. (The fused CUDA kernel needs
+    neither: there they are never made.)
     """
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, budget: int):
         self.x = x
         self.w = w
-        self.xa = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-        self.x_sq = (x * x).sum(-1)
         self.budget = budget
         # scatter_add on CUDA uses float atomics, whose order (and so whose
         # rounding) changes from run to run; a one-hot product is
@@ -264,16 +264,25 @@ class _Assigner:
         # On CUDA (with Triton) a fused kernel does the search and the sums (see kernels.py).
         self.fused = kernels.usable(x)
         self._scratch = torch.empty(0, device=x.device)
-        self._xw = self._w64 = None
+        self._xw = self._w64 = self._xa = self._x_sq = None
 
     def subset(self, idx: torch.Tensor) -> _Assigner:
         new = _Assigner.__new__(_Assigner)
-        new.x, new.w, new.xa, new.x_sq = self.x[idx], self.w[idx], self.xa[idx], self.x_sq[idx]
+        new.x, new.w = self.x[idx], self.w[idx]
         new.budget, new.one_hot_sums, new._scratch = self.budget, self.one_hot_sums, self._scratch
         new.fused = self.fused
         new._xw = None if self._xw is None else self._xw[idx]
         new._w64 = None if self._w64 is None else self._w64[idx]
+        new._xa = None if self._xa is None else self._xa[idx]
+        new._x_sq = None if self._x_sq is None else self._x_sq[idx]
         return new
+
+    def _augmented(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The points with a column of ones appended (B, N, d + 1) and their squared norms (B, N), made on first use."""
+        if self._xa is None:
+            self._xa = torch.cat([self.x, torch.ones_like(self.x[..., :1])], dim=-1)
+            self._x_sq = (self.x * self.x).sum(-1)
+        return self._xa, self._x_sq
 
     def _weighted_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x * w in float64, channels first (B, d, N), and w in float64, made on first use.
@@ -323,6 +332,7 @@ class _Assigner:
         B, N, d = self.x.shape
         k = centers.shape[1]
         ca = _augment_centers(centers, slot_ok)
+        points, x_sq = self._augmented()
         # Each block writes straight into these: a block costs a handful of operations, whose
         # overhead (about 200 us per block before) was 40% of a pass over 100k colors at k=256.
         guessed = previous is not None and self.x.device.type != "cuda"  # see _nearest_into
@@ -334,14 +344,14 @@ class _Assigner:
             sum_w = torch.zeros(B, k, dtype=torch.float64, device=self.x.device)
         with exact_float32_matmul():
             for bs, ns in _blocks(B, N, k, self.budget):
-                xa = self.xa[bs, ns]
+                xa = points[bs, ns]
                 part = torch.bmm(xa, ca[bs], out=self._block_buffer(xa.shape[0], xa.shape[1], k))
                 _nearest_into(part, min_dist[bs, ns], labels[bs, ns], guessed)
                 if sums and self.one_hot_sums:
                     sx, sw = self._one_hot_sums(labels[bs, ns], bs, ns, part)
                     sum_x[bs] += sx
                     sum_w[bs] += sw
-        min_dist.add_(self.x_sq).clamp_min_(0.0)
+        min_dist.add_(x_sq).clamp_min_(0.0)
         if sums and not self.one_hot_sums:
             sum_x, sum_w = self._cluster_sums(labels, k)
         return labels, min_dist, sum_x, sum_w
