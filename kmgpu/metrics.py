@@ -22,12 +22,28 @@ __all__ = ["psnr", "ssim", "quality_of", "luma", "bits_per_pixel", "lossless_png
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 
 
+# Both measures run over horizontal strips of about this many values per plane, so that memory
+# stays bounded whatever the image size. On the CPU a strip's SSIM planes then stay in cache:
+# 2x faster than whole planes on a 1 MP photo, with the same result. On CUDA a strip is a few
+# launches; larger strips there only save launches.
+_STRIP_VALUES = {"cpu": 2**17, "cuda": 2**22}
+
+
+def _strips(height: int, width: int, device_type: str, *, minimum: int = 16) -> range:
+    """Start rows of strips of about ``_STRIP_VALUES`` values each (``minimum`` rows at least)."""
+    return range(0, height, max(minimum, _STRIP_VALUES.get(device_type, 2**22) // max(1, width)))
+
+
 def psnr(original: np.ndarray, quantized: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB over all channel values on 0-255; ``inf`` when identical."""
     if original.shape != quantized.shape:
         raise ValueError(f"shapes differ: {original.shape} and {quantized.shape}")
-    diff = original.astype(np.float64) - quantized.astype(np.float64)
-    mse = float(np.mean(diff * diff))
+    step = _strips(original.shape[0], original[0].size, "cpu").step
+    total = 0  # the squared errors are integers: summed exactly
+    for r in range(0, original.shape[0], step):
+        diff = original[r : r + step].astype(np.int32) - quantized[r : r + step]
+        total += int(np.square(diff, out=diff).sum(dtype=np.int64))
+    mse = total / original.size
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
@@ -75,11 +91,8 @@ def _blur_stack(maps: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.conv2d(rows, w.transpose(2, 3), groups=m)[0]
 
 
-def _ssim_of_luma(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """SSIM of two float64 (H, W) luma planes, as a 0-dim tensor on their device."""
-    h, w = x.shape
-    size = min(11, h - (1 - h % 2), w - (1 - w % 2))  # largest odd window that fits, 11 at most
-    taps = _gaussian_taps(size, 1.5 * size / 11)
+def _ssim_sum(x: torch.Tensor, y: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Sum of the SSIM map of two float64 luma planes over the positions where the window fits."""
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     if x.device.type == "cpu":
         mx, my, xx, yy, xy = (_blur(t, taps) for t in (x, y, x * x, y * y, x * y))
@@ -87,14 +100,35 @@ def _ssim_of_luma(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         mx, my, xx, yy, xy = _blur_stack(torch.stack([x, y, x * x, y * y, x * y]), taps)
     vx, vy, cxy = xx - mx * mx, yy - my * my, xy - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean()
+    return s.sum()
+
+
+def _mean_ssim(luma_rows, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Mean SSIM of an image whose luma planes, rows ``a`` to ``b``, are ``luma_rows(a, b)``.
+
+    Computed strip by strip (each strip with the ``size - 1`` rows below it
+    that its windows reach), as a 0-dim float64 tensor on ``device``.
+    """
+    size = min(11, height - (1 - height % 2), width - (1 - width % 2))  # largest odd window that fits, 11 at most
+    taps = _gaussian_taps(size, 1.5 * size / 11)
+    rows, cols = height - size + 1, width - size + 1  # window positions
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    strips = _strips(rows, width, device.type)
+    for r in strips:
+        x, y = luma_rows(r, min(rows, r + strips.step) + size - 1)
+        total += _ssim_sum(x, y, taps)
+    return total / (rows * cols)
 
 
 def ssim(original: np.ndarray, quantized: np.ndarray) -> float:
     """Structural similarity of the luma of two images of the same shape, in [-1, 1]."""
     if original.shape != quantized.shape:
         raise ValueError(f"shapes differ: {original.shape} and {quantized.shape}")
-    return float(_ssim_of_luma(torch.from_numpy(luma(original)), torch.from_numpy(luma(quantized))))
+
+    def luma_rows(a: int, b: int):
+        return torch.from_numpy(luma(original[a:b])), torch.from_numpy(luma(quantized[a:b]))
+
+    return float(_mean_ssim(luma_rows, original.shape[0], original.shape[1], torch.device("cpu")))
 
 
 def _luma_t(pixels: torch.Tensor) -> torch.Tensor:
@@ -113,10 +147,18 @@ def quality_of(original: torch.Tensor, palette: torch.Tensor, indices: torch.Ten
     they are identical). Used on CUDA, where the pixels are already there.
     """
     rebuilt = palette[indices.long()]
-    diff = original.double() - rebuilt.double()
-    mse = (diff * diff).mean()
-    quality = 10.0 * torch.log10((255.0**2) / mse)
-    return torch.stack([quality, _ssim_of_luma(_luma_t(original), _luma_t(rebuilt))])
+    h, w = original.shape[:2]
+    total = torch.zeros((), dtype=torch.int64, device=original.device)  # integers: summed exactly
+    strips = _strips(h, original[0].numel(), original.device.type)
+    for r in strips:
+        diff = original[r : r + strips.step].int() - rebuilt[r : r + strips.step].int()
+        total += (diff * diff).sum()
+    quality = 10.0 * torch.log10((255.0**2) / (total.double() / original.numel()))
+
+    def luma_rows(a: int, b: int):
+        return _luma_t(original[a:b]), _luma_t(rebuilt[a:b])
+
+    return torch.stack([quality, _mean_ssim(luma_rows, h, w, original.device)])
 
 
 def bits_per_pixel(n_bytes: int, width: int, height: int) -> float:

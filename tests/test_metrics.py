@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+from kmgpu import metrics
 from kmgpu.metrics import (
     _blur,
     _blur_stack,
@@ -32,6 +33,25 @@ def test_ssim_equals_scikit_image(name, k):
         luma(a), luma(b), gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
     )
     assert ssim(a, b) == pytest.approx(ref, abs=1e-9)
+
+
+def test_measures_in_strips_equal_the_whole_image(monkeypatch):
+    """PSNR and SSIM run strip by strip (bounded memory); cut into many strips they give the same numbers."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, size=(83, 57, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    ref_ssim = structural_similarity(
+        luma(a), luma(b), gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+    )
+    diff = a.astype(np.float64) - b
+    ref_psnr = 10 * np.log10(255**2 / np.mean(diff * diff))
+    monkeypatch.setattr(metrics, "_STRIP_VALUES", {"cpu": 1})  # the minimum: 16 rows a strip, 5 strips here
+    assert len(metrics._strips(83, 57 * 3, "cpu")) == 6 and len(metrics._strips(73, 57, "cpu")) == 5
+    assert ssim(a, b) == pytest.approx(ref_ssim, abs=1e-12)
+    assert psnr(a, b) == pytest.approx(ref_psnr, rel=1e-14)
+    palette, inverse = np.unique(b.reshape(-1, 3), axis=0, return_inverse=True)
+    got = quality_of(torch.tensor(a), torch.tensor(palette), torch.tensor(inverse.reshape(83, 57)))
+    assert got[0].item() == pytest.approx(ref_psnr, rel=1e-14) and got[1].item() == pytest.approx(ref_ssim, abs=1e-12)
 
 
 def test_identical_images():
