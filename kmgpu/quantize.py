@@ -610,7 +610,7 @@ def quantize_batch(
         share = (time.perf_counter() - t0) / len(members)
         dithered = dither == "fs" and channels in (1, 3)
         measured: list[tuple[float, float] | None] = [None] * len(members)
-        # (An image above _GPU_METRICS_PIXELS is measured on the CPU: its float64 planes could fill the GPU.)
+        # (An image above _GPU_METRICS_PIXELS is measured on the CPU: its rebuilt pixels stay off the GPU.)
         on_device = [j for j, f in enumerate(flats) if on_gpu and not dithered and f.shape[0] <= _GPU_METRICS_PIXELS]
         if on_device:
             with stage(clock, "metrics"):
