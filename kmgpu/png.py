@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -90,13 +91,18 @@ def _pack_rows(indices: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
-def _filtered(rows: np.ndarray, adaptive: bool) -> np.ndarray:
-    """PNG scanlines: a filter-type byte, then the filtered bytes of each row (1 byte per pixel step)."""
+def _filtered(rows: np.ndarray, adaptive: bool, above: np.ndarray | None = None) -> np.ndarray:
+    """PNG scanlines: a filter-type byte, then the filtered bytes of each row (1 byte per pixel step).
+
+    ``above`` (1, W) is the row before ``rows`` in the image, which the
+    first row's filters predict from (none: the image's first row).
+    """
     h, _ = rows.shape
     if not adaptive:
         return np.hstack([np.zeros((h, 1), np.uint8), rows])
     x = rows.astype(np.int16)
-    up = np.vstack([np.zeros_like(x[:1]), x[:-1]])
+    top = np.zeros_like(x[:1]) if above is None else above.astype(np.int16)
+    up = np.vstack([top, x[:-1]])
     left = np.hstack([np.zeros_like(x[:, :1]), x[:, :-1]])
     up_left = np.hstack([np.zeros_like(up[:, :1]), up[:, :-1]])
     base = left + up - up_left
@@ -110,9 +116,24 @@ def _filtered(rows: np.ndarray, adaptive: bool) -> np.ndarray:
     return np.hstack([kind.astype(np.uint8)[:, None], chosen])
 
 
-def _deflate(scanlines: np.ndarray, level: int, strategy: int) -> bytes:
+# Scanlines are filtered and deflated this many bytes of rows at a time: memory stays bounded
+# whatever the image size (the adaptive filters hold about 20 bytes per pixel while they work).
+_BLOCK_BYTES = 2**20
+
+
+def _scanlines(rows: np.ndarray, adaptive: bool) -> Iterator[bytes]:
+    """The filtered scanlines of ``rows`` (H, W) uint8, block by block (see ``_BLOCK_BYTES``)."""
+    step = max(1, _BLOCK_BYTES // max(1, rows.shape[1]))
+    for r in range(0, rows.shape[0], step):
+        yield _filtered(rows[r : r + step], adaptive, rows[r - 1 : r] if r else None).tobytes()
+
+
+def _deflate(scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
+    """One zlib stream of the blocks; zlib's output does not depend on how its input is cut."""
     z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
-    return z.compress(scanlines.tobytes()) + z.flush()
+    out = [z.compress(block) for block in scanlines]
+    out.append(z.flush())
+    return b"".join(out)
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -167,7 +188,7 @@ def encode_palette_png(
     if icc_profile:
         head.append(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile, 9)))
 
-    def file(layout, scanlines: np.ndarray, level: int, strategy: int) -> bytes:
+    def file(layout, scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
         pal, alp, _ = layout
         out = list(head)
         out.append(_chunk(b"PLTE", np.ascontiguousarray(pal, dtype=np.uint8).tobytes()))
@@ -179,7 +200,7 @@ def encode_palette_png(
         return b"".join(out)
 
     if level == 0:
-        return file(smooth, _filtered(smooth[2], False), 0, zlib.Z_DEFAULT_STRATEGY)
+        return file(smooth, _scanlines(smooth[2], False), 0, zlib.Z_DEFAULT_STRATEGY)
     # Two candidates, the smaller wins:
     # - no filter at ``level``. At 8 bits per pixel the palette stays in the
     #   order given: at level 6 that is, byte for byte, what Pillow writes for
@@ -193,6 +214,6 @@ def encode_palette_png(
     plain = given if bits == 8 else smooth
     # zlib and most of numpy release the GIL: the two candidates run side by side.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        unfiltered = pool.submit(lambda: file(plain, _filtered(plain[2], False), level, zlib.Z_DEFAULT_STRATEGY))
-        adaptive = pool.submit(lambda: file(smooth, _filtered(smooth[2], True), min(level, 5), zlib.Z_FILTERED))
+        unfiltered = pool.submit(lambda: file(plain, _scanlines(plain[2], False), level, zlib.Z_DEFAULT_STRATEGY))
+        adaptive = pool.submit(lambda: file(smooth, _scanlines(smooth[2], True), min(level, 5), zlib.Z_FILTERED))
         return min(unfiltered.result(), adaptive.result(), key=len)

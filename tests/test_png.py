@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from kmgpu import png
 from kmgpu.png import bit_depth_for, encode_palette_png, smooth_order
 from kmgpu.quantize import quantize_pixels
 
@@ -98,3 +99,18 @@ def test_never_larger_than_pillows_plain_save(name, k):
     ours = encode_palette_png(indices, rgb)
     assert len(ours) <= pillow_plain_save(indices, palette)
     np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), rgb[indices])
+
+
+@pytest.mark.parametrize("k", [2, 4, 16, 64, 256])
+def test_rows_are_encoded_in_blocks_with_the_same_bytes(monkeypatch, k):
+    """Scanlines are filtered and deflated a block of rows at a time (bounded memory); the file is the same."""
+    with Image.open(SAMPLES / "coffee.png") as im:
+        pixels = np.asarray(im.convert("RGB").resize((173, 131)))
+    palette, indices, _ = quantize_pixels(pixels, k, device="cpu")
+    whole = encode_palette_png(indices, palette)
+    monkeypatch.setattr(png, "_BLOCK_BYTES", 1)  # one row a block: every row's filters look across a block edge
+    assert len(list(png._scanlines(indices, True))) == 131
+    assert b"".join(png._scanlines(indices, True)) == png._filtered(indices, True).tobytes()
+    assert encode_palette_png(indices, palette) == whole
+    assert encode_palette_png(indices, palette, alpha=np.arange(len(palette), dtype=np.uint8)) != whole
+    np.testing.assert_array_equal(np.asarray(decode(whole).convert("RGB")), palette[indices])
