@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,6 +201,58 @@ def _grouped_unique(image: torch.Tensor, keys: torch.Tensor, n_images: int, weig
     if weights is not None:
         counts = torch.zeros(uniq.numel(), dtype=weights.dtype, device=weights.device).index_add_(0, inverse, weights)
     return uniq & ((1 << _IMAGE_SHIFT) - 1), _Ragged(uniq >> _IMAGE_SHIFT, n_images), inverse, counts
+
+
+# A batch of more pixels than this takes its histograms chunk by chunk (_chunked_histograms).
+_CHUNKED_PIXELS = 2**24
+_CHUNK = 2**22
+
+
+def _chunks(pixels: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+    """``pixels`` (N, C) in slices of ``_CHUNK`` rows, on ``device``."""
+    for r in range(0, pixels.shape[0], _CHUNK):
+        yield pixels[r : r + _CHUNK].to(device)
+
+
+def _chunk_keys(chunk: torch.Tensor) -> torch.Tensor:
+    """Packed colors of a chunk: int32 for up to 3 channels (24 bits; sorts and searches faster), else int64."""
+    keys = _pack(chunk, 8)
+    return keys.to(torch.int32) if chunk.shape[1] <= 3 else keys
+
+
+def _chunked_histograms(images: Sequence[torch.Tensor], device: torch.device):
+    """Each image's distinct packed colors and counts, made ``_CHUNK`` pixels at a time.
+
+    What :func:`_grouped_unique` returns for the pixels of ``images`` (but
+    for the inverse index, which would take 8 bytes a pixel): the sorted
+    keys, a :class:`_Ragged` of their images and the counts. Memory grows
+    with a chunk and the number of distinct colors, not with the pixels.
+    """
+    keys, counts, image = [], [], []
+    for b, im in enumerate(images):
+        uniq = total = None
+        for chunk in _chunks(im, device):
+            u, c = torch.unique(_chunk_keys(chunk), sorted=True, return_counts=True)
+            if uniq is not None:  # merge with the colors so far
+                u, inv = torch.unique(torch.cat([uniq, u]), sorted=True, return_inverse=True)
+                c = torch.zeros(u.numel(), dtype=torch.int64, device=device).index_add_(0, inv, torch.cat([total, c]))
+            uniq, total = u, c
+        keys.append(uniq.to(torch.int64))
+        counts.append(total)
+        image.append(torch.full((uniq.numel(),), b, dtype=torch.int64, device=device))
+    return torch.cat(keys), _Ragged(torch.cat(image), len(images)), torch.cat(counts)
+
+
+def _chunked_labels(images, color_keys, colors_of: _Ragged, label_of_color, device) -> list[torch.Tensor]:
+    """Each pixel's label (uint8), looked up chunk by chunk among its image's sorted keys."""
+    out = []
+    for b, im in enumerate(images):
+        mine = colors_of.values_of(color_keys, b)
+        mine = mine.to(torch.int32) if im.shape[1] <= 3 else mine  # as _chunk_keys packs them
+        labels = colors_of.values_of(label_of_color, b).to(torch.uint8)
+        parts = [labels[torch.searchsorted(mine, _chunk_keys(chunk))] for chunk in _chunks(im, device)]
+        out.append(torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device))
+    return out
 
 
 def _coarse_bins(colors, counts, colors_of: _Ragged, bits: int, n_images: int):
@@ -381,15 +433,19 @@ def fit_palettes(
         coarse_n_init = 3 if int(ks.max()) <= 32 else 1
 
     sizes = torch.tensor([im.shape[0] for im in images])
+    chunked = int(sizes.sum()) > _CHUNKED_PIXELS  # bounded memory for huge images: no per-pixel index
     with stage(clock, "colors"):
-        pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images])
-        if dev.type == "cuda" and pixels.device.type == "cpu":  # pinned pages let the copy run asynchronously
-            pixels = pixels.pin_memory()
-        pixels = pixels.to(dev, non_blocking=True)
-        image_of = torch.repeat_interleave(torch.arange(n, device=dev), sizes.to(dev))
-        # 1. Every image's distinct colors with their counts, all in one sort.
-        color_keys, colors_of, inverse, counts = _grouped_unique(image_of, _pack(pixels, 8), n)
-        colors = _unpack(color_keys, pixels.shape[1])
+        if chunked:
+            color_keys, colors_of, counts = _chunked_histograms(images, dev)
+        else:
+            pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images])
+            if dev.type == "cuda" and pixels.device.type == "cpu":  # pinned pages let the copy run asynchronously
+                pixels = pixels.pin_memory()
+            pixels = pixels.to(dev, non_blocking=True)
+            image_of = torch.repeat_interleave(torch.arange(n, device=dev), sizes.to(dev))
+            # 1. Every image's distinct colors with their counts, all in one sort.
+            color_keys, colors_of, inverse, counts = _grouped_unique(image_of, _pack(pixels, 8), n)
+        colors = _unpack(color_keys, next(iter(channels)))
         n_colors = colors_of.sizes.cpu()
     label_of_color = colors_of.slot.clone()  # images with <= k colors keep them all, exactly
     palettes: list[torch.Tensor | None] = [None] * n
@@ -424,7 +480,10 @@ def fit_palettes(
                 n_iters[b] = int(iters[i])
 
     with stage(clock, "assign"):
-        indices = label_of_color[inverse].to(torch.uint8).split(sizes.tolist())
+        if chunked:
+            indices = _chunked_labels(images, color_keys, colors_of, label_of_color, dev)
+        else:
+            indices = label_of_color[inverse].to(torch.uint8).split(sizes.tolist())
     return [Palette(palettes[b], indices[b], n_iters[b]) for b in range(n)]
 
 

@@ -133,6 +133,28 @@ def test_images_grouped_by_size_fit_as_alone(monkeypatch):
     assert max(len(g) for g in seen[:3]) >= 3  # the batch's own groups: the small crops went together
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_large_batches_take_their_histograms_in_chunks_with_the_same_result(monkeypatch, channels):
+    """Above _CHUNKED_PIXELS a batch's histograms are made chunk by chunk, with no per-pixel index
+    (bounded memory for huge images); palettes and indices are the same."""
+    module = sys.modules["kmgpu.quantize"]
+    photo = sample_pixels("coffee.png", step=2)
+    if channels == 4:
+        photo = np.concatenate([photo, photo[:, :1] // 2], axis=1)  # an alpha that varies
+    photo = np.ascontiguousarray(photo[:, :channels])
+    images = [torch.from_numpy(photo[a : a + n].copy()) for a, n in [(0, 30_000), (7_000, 9_001), (40_000, 500)]]
+    whole = fit_palettes(images, 16, seed=3, device="cpu")
+    monkeypatch.setattr(module, "_CHUNKED_PIXELS", 1_000)
+    monkeypatch.setattr(module, "_CHUNK", 4_099)  # several chunks an image, the last one short
+    seen = []
+    merge = module._chunked_histograms
+    monkeypatch.setattr(module, "_chunked_histograms", lambda *a: seen.append(1) or merge(*a))
+    chunked = fit_palettes(images, 16, seed=3, device="cpu")
+    assert seen, "the chunked path did not run"
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a.colors, b.colors) and torch.equal(a.indices, b.indices) and a.n_iter == b.n_iter
+
+
 def test_images_with_different_channel_counts_are_refused():
     with pytest.raises(ValueError, match="same number of channels"):
         fit_palettes([torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.uint8)], 4)
