@@ -109,16 +109,20 @@ def _scale_to_8bit(a: np.ndarray) -> np.ndarray:
 def _pixels_of(im: Image.Image) -> np.ndarray:
     """Pillow image in any mode -> (H, W, C) uint8 in L, LA, RGB or RGBA."""
     mode = im.mode
+
+    def as_mode(target: str) -> np.ndarray:  # convert() copies even to its own mode: a large image's memory
+        return np.asarray(im if mode == target else im.convert(target))
+
     if mode in ("1", "L"):
-        a = np.asarray(im.convert("L"))
+        a = as_mode("L")
     elif mode.startswith("I") or mode == "F":
         a = _scale_to_8bit(np.asarray(im))
     elif mode in ("LA", "La"):
-        a = np.asarray(im.convert("LA"))
+        a = as_mode("LA")
     elif mode in ("RGBA", "RGBa", "PA") or (mode == "P" and ("transparency" in im.info or im.palette.mode == "RGBA")):
-        a = np.asarray(im.convert("RGBA"))
+        a = as_mode("RGBA")
     else:
-        a = np.asarray(im.convert("RGB"))
+        a = as_mode("RGB")
     if a.ndim == 2:
         a = a[:, :, None]
     return normalize_alpha(np.array(a, dtype=np.uint8, copy=True))
@@ -141,6 +145,9 @@ def _rgb_icc(icc: bytes | None) -> bytes | None:
     return None
 
 
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
 def from_pil(im: Image.Image) -> LoadedImage:
     """An already opened Pillow image -> :class:`LoadedImage` (EXIF orientation applied)."""
     notes = []
@@ -148,7 +155,8 @@ def from_pil(im: Image.Image) -> LoadedImage:
         notes.append(f"animated image: only the first of {im.n_frames} frames is used")
         im.seek(0)
     icc_source = im.info.get("icc_profile")
-    upright = ImageOps.exif_transpose(im)
+    # exif_transpose copies the image even when it is upright already: only where it turns it.
+    upright = ImageOps.exif_transpose(im) if im.getexif().get(_ORIENTATION, 1) != 1 else im
     pixels = _pixels_of(upright)
     icc = _rgb_icc(icc_source) if pixels.shape[2] >= 3 else None
     if icc_source and icc is None:
