@@ -237,6 +237,8 @@ def _chunked_histograms(images: Sequence[torch.Tensor], device: torch.device):
                 u, inv = torch.unique(torch.cat([uniq, u]), sorted=True, return_inverse=True)
                 c = torch.zeros(u.numel(), dtype=torch.int64, device=device).index_add_(0, inv, torch.cat([total, c]))
             uniq, total = u, c
+        if uniq is None:  # an image with no pixels
+            uniq = total = torch.zeros(0, dtype=torch.int64, device=device)
         keys.append(uniq.to(torch.int64))
         counts.append(total)
         image.append(torch.full((uniq.numel(),), b, dtype=torch.int64, device=device))
