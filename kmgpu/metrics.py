@@ -38,10 +38,10 @@ def psnr(original: np.ndarray, quantized: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB over all channel values on 0-255; ``inf`` when identical."""
     if original.shape != quantized.shape:
         raise ValueError(f"shapes differ: {original.shape} and {quantized.shape}")
-    step = _strips(original.shape[0], original[0].size, "cpu").step
+    strips = _strips(original.shape[0], original[0].size, "cpu")
     total = 0  # the squared errors are integers: summed exactly
-    for r in range(0, original.shape[0], step):
-        diff = original[r : r + step].astype(np.int32) - quantized[r : r + step]
+    for r in strips:
+        diff = original[r : r + strips.step].astype(np.int32) - quantized[r : r + strips.step]
         total += int(np.square(diff, out=diff).sum(dtype=np.int64))
     mse = total / original.size
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)

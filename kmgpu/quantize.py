@@ -214,10 +214,14 @@ def _chunks(pixels: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor
         yield pixels[r : r + _CHUNK].to(device)
 
 
+def _key_dtype(channels: int) -> torch.dtype:
+    """Dtype of a chunk's packed colors: int32 for up to 3 channels (24 bits; sorts and searches faster)."""
+    return torch.int32 if channels <= 3 else torch.int64
+
+
 def _chunk_keys(chunk: torch.Tensor) -> torch.Tensor:
-    """Packed colors of a chunk: int32 for up to 3 channels (24 bits; sorts and searches faster), else int64."""
-    keys = _pack(chunk, 8)
-    return keys.to(torch.int32) if chunk.shape[1] <= 3 else keys
+    """Packed colors of a chunk (N, C), as ``_key_dtype(C)``."""
+    return _pack(chunk, 8).to(_key_dtype(chunk.shape[1]))
 
 
 def _chunked_histograms(images: Sequence[torch.Tensor], device: torch.device):
@@ -249,8 +253,7 @@ def _chunked_labels(images, color_keys, colors_of: _Ragged, label_of_color, devi
     """Each pixel's label (uint8), looked up chunk by chunk among its image's sorted keys."""
     out = []
     for b, im in enumerate(images):
-        mine = colors_of.values_of(color_keys, b)
-        mine = mine.to(torch.int32) if im.shape[1] <= 3 else mine  # as _chunk_keys packs them
+        mine = colors_of.values_of(color_keys, b).to(_key_dtype(im.shape[1]))  # as _chunk_keys packs them
         labels = colors_of.values_of(label_of_color, b).to(torch.uint8)
         parts = [labels[torch.searchsorted(mine, _chunk_keys(chunk))] for chunk in _chunks(im, device)]
         out.append(torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device))
