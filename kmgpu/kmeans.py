@@ -42,13 +42,6 @@ log = logging.getLogger(__name__)
 # from the working copy (a copy costs about as much as one iteration).
 _RECOMPACT_FRACTION = 0.75
 
-# Precision of k-means++'s distances and potentials (their running sums, which pick the draws,
-# are float64). The candidates' product has 7 to 10 rows and 5 columns: MKL took 2.6x as long
-# for it in float64 as in float32 on a 2-core AMD EPYC, and float32 halves every pass over the
-# points. k-means++ at k=256 on 20k points took 0.65-0.75x the time, and on 12 photos the
-# palettes' PSNR stayed the same at k = 16 and 64 (+0.001 dB at 256).
-_KPP_DTYPE = torch.float32
-
 
 class KMeansWarning(UserWarning):
     """The fit is valid but not what was asked for (fewer distinct points than k)."""
@@ -549,31 +542,29 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
 
     The k - 1 steps run one after another, each on small tensors, so their
     cost is mostly the number of operations: a step is a dozen of them.
-    Distances are laid out (candidates, points): a product with a wide output
-    ran 5x faster on the CPU than the tall, 8-column one of the (points,
-    candidates) layout, and the sums over points run along contiguous memory.
-    They are float32 (see ``_KPP_DTYPE``), and no step converts between
-    precisions.
+    Distances are float64 and laid out (candidates, points): a product with
+    a wide output ran 5x faster on the CPU than the tall, 8-column one of the
+    (points, candidates) layout, the sums over points run along contiguous
+    memory, and no step converts between precisions.
     """
     B, N, d = x.shape
     n_trials = 2 + int(math.log(k_max))
     u = streams.uniform(1 + (k_max - 1) * n_trials, tag)
     x64 = x.double()
-    x_sq = (x64 * x64).sum(-1, keepdim=True)
-    ones = torch.ones_like(x_sq)
-    # Rows [x, ||x||^2, 1] to gather candidates from, and [-2x; 1; ||x||^2] laid out (d + 2, N):
-    # one product of the two is every candidate's squared distance to every point.
-    rows_aug = torch.cat([x64, x_sq, ones], dim=-1).to(_KPP_DTYPE)
-    cols_aug = torch.cat([-2.0 * x64, ones, x_sq], dim=-1).transpose(1, 2).contiguous().to(_KPP_DTYPE)
+    x_sq = (x64 * x64).sum(-1)
+    # Rows [x, ||x||^2] to gather candidates from, and [-2x; 1] laid out (d + 1, N):
+    # one product of the two, plus ||x||^2, is every candidate's squared distance to every point.
+    rows_aug = torch.cat([x64, x_sq.unsqueeze(-1)], dim=-1)
+    cols_aug = torch.cat([-2.0 * x64, torch.ones_like(x64[..., :1])], dim=-1).transpose(1, 2).contiguous()
+    x_sq = x_sq.unsqueeze(1)
     w64 = w.double()
-    w_kpp = w.to(_KPP_DTYPE)
-    w_col = w_kpp.unsqueeze(-1)
+    w_col = w64.unsqueeze(-1)
     centers = torch.zeros(B, k_max, d, device=x.device)
     uniform_k = bool((k == k_max).all())
 
     def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """(B, m, d + 1) augmented rows of points drawn by ``weights`` (B, N)."""
-        cum = weights.cumsum(1, dtype=torch.float64)
+        cum = weights.cumsum(1)
         # Where every point of a problem sits on a center (fewer distinct points than k), draw by
         # weight alone. The CPU checks first, to skip that pass over the points when no problem
         # needs it; CUDA does not wait for the answer.
@@ -582,8 +573,8 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
         return _gather_points(rows_aug, _draw_from_cumulative(cum, uniforms))
 
     def sq_dist(c_aug: torch.Tensor, sl: slice) -> torch.Tensor:
-        """(b, m, N) squared distances of the points of problems ``sl`` to the candidates ``c_aug`` (b, m, d + 2)."""
-        return torch.bmm(c_aug, cols_aug[sl]).clamp_min_(0.0)
+        """(b, m, N) squared distances of the points of problems ``sl`` to the candidates ``c_aug`` (b, m, d + 1)."""
+        return torch.baddbmm(x_sq[sl], c_aug, cols_aug[sl]).clamp_min_(0.0)
 
     def step(sl: slice, cand: torch.Tensor, closest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The candidate of problems ``sl`` that lowers the potential most, and the distances it leaves."""
@@ -594,9 +585,9 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     first = draw(w64, u[:, :1])
     centers[:, 0] = first[:, 0, :d]
     closest = sq_dist(first, slice(None))  # (B, 1, N)
-    potential = closest.squeeze(1) * w_kpp
+    potential = closest.squeeze(1) * w64
     # Candidate distance blocks (b, trials, N) of at most 32 MiB: one block, without slicing, in most calls.
-    per_block = max(1, (32 * 2**20) // (4 * n_trials * N))
+    per_block = max(1, (32 * 2**20) // (8 * n_trials * N))
     for c in range(1, k_max):
         cand = draw(potential, u[:, 1 + (c - 1) * n_trials : 1 + c * n_trials])
         if per_block >= B:
@@ -607,7 +598,7 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
                 sl = slice(b0, b0 + per_block)
                 centers[sl, c], new_closest[sl] = step(sl, cand[sl], closest[sl])
         closest = new_closest if uniform_k else torch.where((k > c).view(-1, 1, 1), new_closest, closest)
-        potential = closest.squeeze(1) * w_kpp
+        potential = closest.squeeze(1) * w64
     return centers
 
 
@@ -617,7 +608,7 @@ def _draw_host(potential: np.ndarray, u: np.ndarray, by_weight: np.ndarray) -> n
     Where the potential is 0 everywhere (every point already a center), the
     draw is by weight alone, from ``by_weight``, the weights' cumulative sums.
     """
-    cum = torch.from_numpy(potential).cumsum(0, dtype=torch.float64).numpy()  # 4x faster than NumPy's cumsum
+    cum = torch.from_numpy(potential).cumsum(0).numpy()  # 4x faster than NumPy's cumsum
     if not cum[-1] > 0:
         cum = by_weight
     return np.minimum(np.searchsorted(cum, u * cum[-1], side="right"), len(cum) - 1)
@@ -628,12 +619,12 @@ def _kmeans_plusplus_host(x, w, k: torch.Tensor, k_max: int, streams: _Streams, 
 
     The k - 1 steps are sequential and small, so on the CPU their cost is the
     overhead of each operation: about 50 torch calls a step (views and
-    gathers included), against a dozen here. This loop measured 1.6x (10k
-    points) to 3.5x (500 points) faster at k=256, and 1.9x on a batch of 16.
-    The products and the passes over the points stay in torch, which runs
-    them on every core: NumPy's BLAS keeps its worker threads spinning after
-    a call, and they took a core from the Lloyd passes that came next (about
-    1.6x slower).
+    gathers included), against a dozen NumPy calls at a fifth of the cost
+    each. This loop measured 1.6x (10k points) to 3.5x (500 points) faster
+    at k=256, and 1.9x on a batch of 16. The three products stay in torch,
+    as float64 like the batched version: NumPy's BLAS keeps its worker
+    threads spinning after a call, and they took a core from the Lloyd
+    passes that came next (about 1.6x slower).
     """
     B, N, d = x.shape
     n_trials = 2 + int(math.log(k_max))
@@ -644,25 +635,22 @@ def _kmeans_plusplus_host(x, w, k: torch.Tensor, k_max: int, streams: _Streams, 
         x_sq = (xb * xb).sum(1, keepdim=True)
         ones = torch.ones_like(x_sq)
         # [c, ||c||^2, 1] . [-2x; 1; ||x||^2] = ||x - c||^2: one product gives every candidate's distances.
-        rows = torch.cat([xb, x_sq, ones], dim=1).to(_KPP_DTYPE).numpy()
-        cols = torch.cat([-2.0 * xb, ones, x_sq], dim=1).T.contiguous().to(_KPP_DTYPE)
-        points, weights = xb.numpy(), wb.to(_KPP_DTYPE)
-        w_col = weights.unsqueeze(1)
+        rows = torch.cat([xb, x_sq, ones], dim=1).numpy()
+        cols = torch.cat([-2.0 * xb, ones, x_sq], dim=1).T.contiguous()
+        points, weights, w_col = xb.numpy(), wb.numpy(), wb.unsqueeze(1)
         by_weight = wb.cumsum(0).numpy()
 
-        first = _draw_host(wb.numpy(), u[:1], by_weight)
+        first = _draw_host(weights, u[:1], by_weight)
         centers[b, 0] = points[first[0]]
-        closest = torch.mm(torch.from_numpy(rows[first]), cols).clamp_min_(0.0)  # (1, N)
-        potential = torch.empty_like(closest)
-        trial = torch.empty(n_trials, N, dtype=_KPP_DTYPE)
+        closest = np.maximum(torch.mm(torch.from_numpy(rows[first]), cols).numpy()[0], 0.0)
         for c in range(1, int(k[b])):
-            torch.mul(closest, weights, out=potential)
-            cand = _draw_host(potential.numpy()[0], u[1 + (c - 1) * n_trials : 1 + c * n_trials], by_weight)
-            torch.mm(torch.from_numpy(rows[cand]), cols, out=trial).clamp_min_(0.0)
-            torch.minimum(trial, closest, out=trial)
-            best = int(torch.mm(trial, w_col).argmin())
+            cand = _draw_host(closest * weights, u[1 + (c - 1) * n_trials : 1 + c * n_trials], by_weight)
+            trial = torch.mm(torch.from_numpy(rows[cand]), cols).numpy()
+            np.maximum(trial, 0.0, out=trial)
+            np.minimum(trial, closest, out=trial)
+            best = int(torch.mm(torch.from_numpy(trial), w_col).argmin())
             centers[b, c] = points[cand[best]]
-            closest = trial[best : best + 1].clone()
+            closest = trial[best]
     return torch.from_numpy(centers)
 
 
