@@ -185,3 +185,23 @@ def test_photo_fit_with_and_without_the_coarse_grid(coarse_bits):
     np.testing.assert_array_equal(d[np.arange(len(d)), pal.indices.long().numpy()], d.min(1))
     rebuilt = pal.reconstruct().numpy()
     assert psnr(pixels.numpy(), rebuilt) > 27.0
+
+
+@pytest.mark.parametrize("k", [64, 256])
+def test_palette_does_not_depend_on_the_number_of_torch_threads(k):
+    """`kmgpu run` fits on one thread in each worker and on all of them with --workers 0: same bytes out.
+
+    A float32 BLAS product over the points rounds some elements differently
+    with the thread count; the fit must not let that pick other centers.
+    """
+    photo = torch.from_numpy(sample_pixels("astronaut.png").copy())  # ~16k coarse bins: k-means++ on all
+    before = torch.get_num_threads()
+    try:
+        fits = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fits.append(fit_palette(photo, k, seed=0, device="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(fits[0].colors, fits[1].colors)
+    assert torch.equal(fits[0].indices, fits[1].indices)
