@@ -205,8 +205,10 @@ def _grouped_unique(composite: torch.Tensor, n_images: int, weights=None):
         narrow = composite.to(torch.int32)
         uniq, inverse, counts = torch.unique(narrow, sorted=True, return_inverse=True, return_counts=True)
         uniq = uniq.to(torch.int64)
-    else:
-        uniq, inverse, counts = torch.unique(composite, sorted=True, return_inverse=True, return_counts=True)
+    else:  # as int64, whatever arrives (one empty image packs to int32)
+        uniq, inverse, counts = torch.unique(
+            composite.to(torch.int64), sorted=True, return_inverse=True, return_counts=True
+        )
     if weights is not None:
         counts = torch.zeros(uniq.numel(), dtype=weights.dtype, device=weights.device).index_add_(0, inverse, weights)
     return uniq & ((1 << _IMAGE_SHIFT) - 1), _Ragged(uniq >> _IMAGE_SHIFT, n_images), inverse, counts
