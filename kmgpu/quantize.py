@@ -122,6 +122,11 @@ def _pack(pixels: torch.Tensor, bits: int) -> torch.Tensor:
     return keys
 
 
+def _key_dtype(channels: int) -> torch.dtype:
+    """Dtype of packed 8-bit colors: int32 for up to 3 channels (24 bits; sorts and searches faster)."""
+    return torch.int32 if channels <= 3 else torch.int64
+
+
 def _pack_narrow(pixels: torch.Tensor) -> torch.Tensor:
     """``_pack(pixels, 8)`` as ``_key_dtype``: int32 for up to 3 channels (below 2**24), else int64."""
     n, c = pixels.shape
@@ -200,7 +205,7 @@ def _grouped_unique(composite: torch.Tensor, n_images: int, weights=None):
     their images, the inverse index of each input, and the count (or the
     summed ``weights``) of each pair.
     """
-    if n_images == 1 and composite.numel() and int(composite.max()) < 2**31:
+    if n_images == 1 and composite.numel() and (composite.dtype == torch.int32 or int(composite.max()) < 2**31):
         # One image, keys below 2**31: sorting int32 measured 1.6x faster than int64.
         narrow = composite.to(torch.int32)
         uniq, inverse, counts = torch.unique(narrow, sorted=True, return_inverse=True, return_counts=True)
@@ -225,16 +230,6 @@ def _chunks(pixels: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor
         yield pixels[r : r + _CHUNK].to(device)
 
 
-def _key_dtype(channels: int) -> torch.dtype:
-    """Dtype of a chunk's packed colors: int32 for up to 3 channels (24 bits; sorts and searches faster)."""
-    return torch.int32 if channels <= 3 else torch.int64
-
-
-def _chunk_keys(chunk: torch.Tensor) -> torch.Tensor:
-    """Packed colors of a chunk (N, C), as ``_key_dtype(C)``."""
-    return _pack_narrow(chunk)
-
-
 def _chunked_histograms(images: Sequence[torch.Tensor], device: torch.device):
     """Each image's distinct packed colors and counts, made ``_CHUNK`` pixels at a time.
 
@@ -247,7 +242,7 @@ def _chunked_histograms(images: Sequence[torch.Tensor], device: torch.device):
     for b, im in enumerate(images):
         uniq = total = None
         for chunk in _chunks(im, device):
-            u, c = torch.unique(_chunk_keys(chunk), sorted=True, return_counts=True)
+            u, c = torch.unique(_pack_narrow(chunk), sorted=True, return_counts=True)
             if uniq is not None:  # merge with the colors so far
                 u, inv = torch.unique(torch.cat([uniq, u]), sorted=True, return_inverse=True)
                 c = torch.zeros(u.numel(), dtype=torch.int64, device=device).index_add_(0, inv, torch.cat([total, c]))
@@ -264,9 +259,9 @@ def _chunked_labels(images, color_keys, colors_of: _Ragged, label_of_color, devi
     """Each pixel's label (uint8), looked up chunk by chunk among its image's sorted keys."""
     out = []
     for b, im in enumerate(images):
-        mine = colors_of.values_of(color_keys, b).to(_key_dtype(im.shape[1]))  # as _chunk_keys packs them
+        mine = colors_of.values_of(color_keys, b).to(_key_dtype(im.shape[1]))  # as _pack_narrow packs them
         labels = colors_of.values_of(label_of_color, b).to(torch.uint8)
-        parts = [labels[torch.searchsorted(mine, _chunk_keys(chunk))] for chunk in _chunks(im, device)]
+        parts = [labels[torch.searchsorted(mine, _pack_narrow(chunk))] for chunk in _chunks(im, device)]
         out.append(torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device))
     return out
 
