@@ -534,6 +534,27 @@ def _init_sample(x, w, size: int, streams: _Streams, tag: int) -> tuple[torch.Te
     return torch.where(whole.unsqueeze(-1), x_head, drawn), torch.where(whole, w_head, torch.ones_like(w_head))
 
 
+# k-means++ measures its distances on a grid: each problem's points are scaled by a power of two
+# and rounded to integers of magnitude at most _GRID_REACH / sqrt(d). Every term of
+# ||c||^2 - 2 x.c + ||x||^2 is then an integer, and so is every partial sum, all below 2**24:
+# float32 products are exact, whatever the kernel, the blocking or the number of threads.
+_GRID_REACH = 2048
+
+
+def _kpp_grid(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, N, d) points -> the same points on k-means++'s integer grid (float32; see ``_GRID_REACH``).
+
+    The scale is the largest power of two that keeps a problem's points with
+    positive weight within reach: colors centred on their mean (at most 255
+    away) get 4 grid steps a level, and k-means++ draws by their distances to
+    within a sixteenth of a level squared.
+    """
+    reach = math.floor(_GRID_REACH / math.sqrt(x.shape[-1]) - 1e-9)
+    extent = torch.where(w.unsqueeze(-1) > 0, x.abs(), 0.0).amax((1, 2)).double().clamp_min(2.0**-100)
+    scale = torch.exp2(torch.floor(torch.log2(reach / extent)).clamp(-100, 100)).float()
+    return torch.round(torch.where(w.unsqueeze(-1) > 0, x, 0.0) * scale.view(-1, 1, 1))
+
+
 def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: int):
     """Greedy k-means++ (Arthur & Vassilvitskii; scikit-learn's variant), batched.
 
@@ -542,50 +563,54 @@ def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: 
     that lowers the potential most. All the uniforms a problem needs are drawn
     up front from its own stream, in one call per problem.
 
+    Distances are taken between the points rounded to a grid (see
+    :func:`_kpp_grid`), exactly, in float32; the centers are the points
+    themselves. Potentials are weighted in float64.
+
     The k - 1 steps run one after another, each on small tensors, so their
     cost is mostly the number of operations: a step is a dozen of them.
-    Distances are float64 and laid out (candidates, points): a product with
-    a wide output ran 5x faster on the CPU than the tall, 8-column one of the
-    (points, candidates) layout, the sums over points run along contiguous
-    memory, and no step converts between precisions.
+    Distances are laid out (candidates, points): a product with a wide output
+    ran 5x faster on the CPU than the tall, 8-column one of the (points,
+    candidates) layout, and the sums over points run along contiguous memory.
     """
     B, N, d = x.shape
     n_trials = 2 + int(math.log(k_max))
     u = streams.uniform(1 + (k_max - 1) * n_trials, tag)
-    x64 = x.double()
-    x_sq = (x64 * x64).sum(-1)
-    # Rows [x, ||x||^2] to gather candidates from, and [-2x; 1] laid out (d + 1, N):
-    # one product of the two, plus ||x||^2, is every candidate's squared distance to every point.
-    rows_aug = torch.cat([x64, x_sq.unsqueeze(-1)], dim=-1)
-    cols_aug = torch.cat([-2.0 * x64, torch.ones_like(x64[..., :1])], dim=-1).transpose(1, 2).contiguous()
-    x_sq = x_sq.unsqueeze(1)
+    g = _kpp_grid(x, w)
+    g_sq = (g * g).sum(-1)
+    # Rows [g, ||g||^2] to gather candidates from, and [-2g; 1] laid out (d + 1, N): one
+    # product of the two, plus ||g||^2, is every candidate's squared distance to every point.
+    rows_aug = torch.cat([g, g_sq.unsqueeze(-1)], dim=-1)
+    cols_aug = torch.cat([-2.0 * g, torch.ones_like(g[..., :1])], dim=-1).transpose(1, 2).contiguous()
+    g_sq = g_sq.unsqueeze(1)
     w64 = w.double()
     w_col = w64.unsqueeze(-1)
     centers = torch.zeros(B, k_max, d, device=x.device)
     uniform_k = bool((k == k_max).all())
 
     def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        """(B, m, d + 1) augmented rows of points drawn by ``weights`` (B, N)."""
+        """(B, m) indices of points drawn by ``weights`` (B, N)."""
         cum = weights.cumsum(1)
         # Where every point of a problem sits on a center (fewer distinct points than k), draw by
         # weight alone. The CPU checks first, to skip that pass over the points when no problem
         # needs it; CUDA does not wait for the answer.
         if x.device.type == "cuda" or not bool((cum[:, -1] > 0).all()):
             cum = torch.where(cum[:, -1:] > 0, cum, w64.cumsum(1))
-        return _gather_points(rows_aug, _draw_from_cumulative(cum, uniforms))
+        return _draw_from_cumulative(cum, uniforms)
 
-    def sq_dist(c_aug: torch.Tensor, sl: slice) -> torch.Tensor:
-        """(b, m, N) squared distances of the points of problems ``sl`` to the candidates ``c_aug`` (b, m, d + 1)."""
-        return torch.baddbmm(x_sq[sl], c_aug, cols_aug[sl]).clamp_min_(0.0)
+    def sq_dist(idx: torch.Tensor, sl: slice) -> torch.Tensor:
+        """(b, m, N) squared grid distances of the points of problems ``sl`` to their points ``idx`` (b, m)."""
+        with exact_float32_matmul():
+            return torch.baddbmm(g_sq[sl], _gather_points(rows_aug[sl], idx), cols_aug[sl])
 
     def step(sl: slice, cand: torch.Tensor, closest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The candidate of problems ``sl`` that lowers the potential most, and the distances it leaves."""
         trial = torch.minimum(sq_dist(cand, sl), closest)
-        best = torch.bmm(trial, w_col[sl]).argmin(1)  # (b, 1)
-        return _gather_points(cand, best)[:, 0, :d], _gather_points(trial, best)
+        best = torch.bmm(trial.double(), w_col[sl]).argmin(1)  # (b, 1)
+        return _gather_points(x[sl], cand.gather(1, best))[:, 0], _gather_points(trial, best)
 
     first = draw(w64, u[:, :1])
-    centers[:, 0] = first[:, 0, :d]
+    centers[:, 0] = _gather_points(x, first)[:, 0]
     closest = sq_dist(first, slice(None))  # (B, 1, N)
     potential = closest.squeeze(1) * w64
     # Candidate distance blocks (b, trials, N) of at most 32 MiB: one block, without slicing, in most calls.
@@ -623,34 +648,33 @@ def _kmeans_plusplus_host(x, w, k: torch.Tensor, k_max: int, streams: _Streams, 
     overhead of each operation: about 50 torch calls a step (views and
     gathers included), against a dozen NumPy calls at a fifth of the cost
     each. This loop measured 1.6x (10k points) to 3.5x (500 points) faster
-    at k=256, and 1.9x on a batch of 16. The three products stay in torch,
-    as float64 like the batched version: NumPy's BLAS keeps its worker
-    threads spinning after a call, and they took a core from the Lloyd
-    passes that came next (about 1.6x slower).
+    at k=256, and 1.9x on a batch of 16. The products stay in torch: NumPy's
+    BLAS keeps its worker threads spinning after a call, and they took a core
+    from the Lloyd passes that came next (about 1.6x slower).
     """
     B, N, d = x.shape
     n_trials = 2 + int(math.log(k_max))
     uniforms = streams.uniform(1 + (k_max - 1) * n_trials, tag).numpy()
     centers = np.zeros((B, k_max, d), dtype=np.float32)
+    grid = _kpp_grid(x, w)
     for b in range(B):
-        xb, wb, u = x[b].double(), w[b].double(), uniforms[b]
-        x_sq = (xb * xb).sum(1, keepdim=True)
-        ones = torch.ones_like(x_sq)
-        # [c, ||c||^2, 1] . [-2x; 1; ||x||^2] = ||x - c||^2: one product gives every candidate's distances.
-        rows = torch.cat([xb, x_sq, ones], dim=1).numpy()
-        cols = torch.cat([-2.0 * xb, ones, x_sq], dim=1).T.contiguous()
-        points, weights, w_col = xb.numpy(), wb.numpy(), wb.unsqueeze(1)
+        g, wb, u = grid[b], w[b].double(), uniforms[b]
+        g_sq = (g * g).sum(1, keepdim=True)
+        ones = torch.ones_like(g_sq)
+        # [c, ||c||^2, 1] . [-2g; 1; ||g||^2] = ||g - c||^2: one exact product gives every candidate's distances.
+        rows = torch.cat([g, g_sq, ones], dim=1).numpy()
+        cols = torch.cat([-2.0 * g, ones, g_sq], dim=1).T.contiguous()
+        points, weights, w_col = x[b].numpy(), wb.numpy(), wb.unsqueeze(1)
         by_weight = wb.cumsum(0).numpy()
 
         first = _draw_host(weights, u[:1], by_weight)
         centers[b, 0] = points[first[0]]
-        closest = np.maximum(torch.mm(torch.from_numpy(rows[first]), cols).numpy()[0], 0.0)
+        closest = torch.mm(torch.from_numpy(rows[first]), cols).numpy()[0]
         for c in range(1, int(k[b])):
             cand = _draw_host(closest * weights, u[1 + (c - 1) * n_trials : 1 + c * n_trials], by_weight)
             trial = torch.mm(torch.from_numpy(rows[cand]), cols).numpy()
-            np.maximum(trial, 0.0, out=trial)
             np.minimum(trial, closest, out=trial)
-            best = int(torch.mm(torch.from_numpy(trial), w_col).argmin())
+            best = int(torch.mm(torch.from_numpy(trial).double(), w_col).argmin())
             centers[b, c] = points[cand[best]]
             closest = trial[best]
     return torch.from_numpy(centers)

@@ -113,6 +113,26 @@ def test_kmeanspp_host_loop_equals_batched_version(coffee_small):
         assert len({tuple(c) for c in host[b, :kb].tolist()}) == min(kb, int((w[b] > 0).sum()))
 
 
+@pytest.mark.parametrize("d", [1, 3, 4, 16])
+@pytest.mark.parametrize("extent", [1e-3, 255.0, 3e7])
+def test_kmeanspp_grid_distances_are_exact_in_float32(d, extent):
+    """k-means++'s grid points make the float32 product exact: it cannot depend on kernels or threads."""
+    gen = np.random.default_rng(d)
+    x = torch.from_numpy(gen.uniform(-extent, extent, (2, 500, d))).float()
+    w = torch.ones(2, 500)
+    w[1, 400:] = 0  # padding does not set the scale
+    x[1, 400:] = 1e9 * extent
+    g = km._kpp_grid(x, w)
+    assert torch.equal(g, g.round())
+    reach = 2048 / d**0.5
+    assert float(g.abs().max()) <= reach and float(g[:, :400].abs().max()) > reach / 2  # the grid is used
+    g_sq = (g * g).sum(-1, keepdim=True)
+    rows = torch.cat([g, g_sq, torch.ones_like(g_sq)], -1)
+    cols = torch.cat([-2 * g, torch.ones_like(g_sq), g_sq], -1).transpose(1, 2)
+    exact = (g.double().unsqueeze(2) - g.double().unsqueeze(1)).square().sum(-1)
+    assert torch.equal(torch.bmm(rows, cols).double(), exact)
+
+
 def test_each_problem_converges_on_its_own():
     easy = np.repeat(np.array([[0.0, 0.0], [50.0, 50.0]]), 100, axis=0)
     hard = np.random.default_rng(3).uniform(0, 100, size=(200, 2))
