@@ -77,7 +77,8 @@ class RunConfig:
         Images above this are refused before decoding.
     refine_iter, starts, coarse_bits, max_iter, tol
         Engine knobs (see :func:`kmgpu.quantize.fit_palettes`); starts 0 means
-        the default (3 for k <= 32, else 1).
+        the default (3 for k <= 32, else 1), max_iter 0 the default (20, but
+        10 steps on the coarse grid above k=128).
     """
 
     k: int = 64
@@ -93,7 +94,7 @@ class RunConfig:
     refine_iter: int = 10
     starts: int = 0
     coarse_bits: int = 6
-    max_iter: int = 20
+    max_iter: int = 0
     tol: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -111,7 +112,7 @@ class RunConfig:
             (self.refine_iter >= 0, f"refine_iter={self.refine_iter} must be 0 or more"),
             (self.starts >= 0, f"starts={self.starts} must be 0 (automatic) or more"),
             (1 <= self.coarse_bits <= 8, f"coarse_bits={self.coarse_bits} is out of range: 1 to 8"),
-            (self.max_iter >= 1, f"max_iter={self.max_iter} must be at least 1"),
+            (self.max_iter >= 0, f"max_iter={self.max_iter} must be 0 (automatic) or more"),
             (self.tol >= 0, f"tol={self.tol} must be 0 or more"),
         ]
         for ok, message in checks:
@@ -124,7 +125,7 @@ class RunConfig:
             "refine_iter": self.refine_iter,
             "coarse_n_init": self.starts or None,
             "coarse_bits": self.coarse_bits,
-            "max_iter": self.max_iter,
+            "max_iter": self.max_iter or None,
             "tol": self.tol,
         }
 

@@ -355,7 +355,16 @@ def _size_groups(members: list[int], sizes: list[int], *, cpu: bool) -> list[lis
     return groups
 
 
-def _plan(n_colors: int, n_bins: int, k: int, *, max_iter: int, refine_iter: int) -> tuple[tuple[str, int], ...]:
+# Lloyd steps of the first stage, at most, when max_iter is not given. A coarse fit that the
+# refinement follows stops sooner above k=128: on 12 photos at k=256, 10 steps instead of 20 were
+# 10% faster fits for 0.001 dB (the mean over three seeds), while at k = 64 and 128 they cost
+# 0.003-0.008 dB. There the refinement's steps do what the coarse fit's last ones would.
+_FIRST_STAGE_ITER = 20
+_COARSE_ITER_LARGE_K = 10
+_LARGE_K = 128
+
+
+def _plan(n_colors: int, n_bins: int, k: int, *, max_iter: int | None, refine_iter: int) -> tuple[tuple[str, int], ...]:
     """The stages of one image's fit, as (points, Lloyd steps at most); see :func:`_fit_group`.
 
     The coarse grid takes part only where the image has more than
@@ -364,9 +373,13 @@ def _plan(n_colors: int, n_bins: int, k: int, *, max_iter: int, refine_iter: int
     fit can settle in a poor optimum that the refinement does not leave (on
     a 2,100-color logo at k=256 it cost 3.8 dB against a full fit).
     """
+    first = _FIRST_STAGE_ITER if max_iter is None else max_iter
     if n_colors <= _DIRECT_COLORS or n_bins <= k:
-        return (("colors", max_iter),)
-    return (("coarse", max_iter), ("colors", refine_iter)) if refine_iter > 0 else (("coarse", max_iter),)
+        return (("colors", first),)
+    if refine_iter <= 0:
+        return (("coarse", first),)
+    coarse = _COARSE_ITER_LARGE_K if max_iter is None and k > _LARGE_K else first
+    return (("coarse", coarse), ("colors", refine_iter))
 
 
 def fit_palettes(
@@ -379,7 +392,7 @@ def fit_palettes(
     coarse_bits: int = 6,
     refine_iter: int = 10,
     coarse_n_init: int | None = None,
-    max_iter: int = 20,
+    max_iter: int | None = None,
     tol: float = 1e-4,
     relax: float = 1.8,
     clock: StageClock | None = None,
@@ -412,6 +425,9 @@ def fit_palettes(
     max_iter, tol
         Limits of the first stage (the coarse fit, or the direct fit of an
         image with few colors); ``tol`` also ends the refinement early.
+        Default ``max_iter``: 20, but 10 for a coarse fit followed by the
+        refinement at k > 128, where the refinement's steps do the work of
+        the coarse fit's last ones (see ``_FIRST_STAGE_ITER``).
     relax : float
         Over-relaxation of every stage's Lloyd steps (see
         :func:`kmgpu.kmeans.kmeans`). On 12 photos, 1.8 with at most 20
@@ -440,6 +456,8 @@ def fit_palettes(
         raise ValueError(problems[0])
     if not 1 <= coarse_bits <= 8:
         raise ValueError(f"coarse_bits={coarse_bits} is out of range: 1 to 8")
+    if max_iter is not None and max_iter < 1:
+        raise ValueError(f"max_iter={max_iter} is out of range: it must be >= 1")
     ids = torch.arange(n) if keys is None else torch.as_tensor(list(keys), dtype=torch.int64)
     if coarse_n_init is None:
         coarse_n_init = 3 if int(ks.max()) <= 32 else 1

@@ -205,3 +205,16 @@ def test_palette_does_not_depend_on_the_number_of_torch_threads(k):
         torch.set_num_threads(before)
     assert torch.equal(fits[0].colors, fits[1].colors)
     assert torch.equal(fits[0].indices, fits[1].indices)
+
+
+@pytest.mark.parametrize(("k", "max_iter", "coarse_steps"), [(64, None, 20), (256, None, 10), (256, 15, 15)])
+def test_coarse_steps_by_default_and_when_given(k, max_iter, coarse_steps):
+    """Above k=128 the coarse fit stops after 10 steps unless max_iter says otherwise; tol=0 runs every step."""
+    photo = torch.from_numpy(sample_pixels("astronaut.png").copy())
+    pal = fit_palette(photo, k, seed=0, device="cpu", tol=0.0, refine_iter=2, max_iter=max_iter)
+    assert pal.n_iter == coarse_steps + 2
+
+
+def test_max_iter_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_iter=0"):
+        fit_palettes([torch.zeros(40, 3, dtype=torch.uint8)], 4, max_iter=0)

@@ -309,3 +309,12 @@ def test_automatic_writers_and_batch_size(monkeypatch):
     for bad in (dict(writers=0), dict(writers=-2), dict(batch_size=0), dict(batch_size=-3)):
         with pytest.raises(ConfigError, match="must be -1"):
             RunConfig(**bad)
+
+
+def test_max_iter_zero_is_the_engine_default():
+    from kmgpu.config import ConfigError, RunConfig
+
+    assert RunConfig().fit_options()["max_iter"] is None
+    assert RunConfig(max_iter=15).fit_options()["max_iter"] == 15
+    with pytest.raises(ConfigError, match="max_iter=-1 must be 0"):
+        RunConfig(max_iter=-1)
