@@ -70,11 +70,12 @@ def _blur(t: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """
     n = taps.numel()
     h, w = t.shape
-    rows = torch.zeros(h, w - n + 1, dtype=t.dtype, device=t.device)
-    for i, tap in enumerate(taps.tolist()):
+    first, *rest = taps.tolist()
+    rows = torch.mul(t[:, : w - n + 1], first)
+    for i, tap in enumerate(rest, 1):
         rows.add_(t[:, i : i + w - n + 1], alpha=tap)
-    out = torch.zeros(h - n + 1, w - n + 1, dtype=t.dtype, device=t.device)
-    for i, tap in enumerate(taps.tolist()):
+    out = torch.mul(rows[: h - n + 1], first)
+    for i, tap in enumerate(rest, 1):
         out.add_(rows[i : i + h - n + 1], alpha=tap)
     return out
 
@@ -94,12 +95,13 @@ def _blur_stack(maps: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 def _ssim_sum(x: torch.Tensor, y: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """Sum of the SSIM map of two float64 luma planes over the positions where the window fits."""
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    # SSIM needs the two variances only as their sum: four blurred maps, not five (0.8x the time).
     if x.device.type == "cpu":
-        mx, my, xx, yy, xy = (_blur(t, taps) for t in (x, y, x * x, y * y, x * y))
+        mx, my, sq, xy = (_blur(t, taps) for t in (x, y, x * x + y * y, x * y))
     else:
-        mx, my, xx, yy, xy = _blur_stack(torch.stack([x, y, x * x, y * y, x * y]), taps)
-    vx, vy, cxy = xx - mx * mx, yy - my * my, xy - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        mx, my, sq, xy = _blur_stack(torch.stack([x, y, x * x + y * y, x * y]), taps)
+    m_sq, m_xy = mx * mx + my * my, mx * my
+    s = ((2 * m_xy + c1) * (2 * (xy - m_xy) + c2)) / ((m_sq + c1) * (sq - m_sq + c2))
     return s.sum()
 
 
