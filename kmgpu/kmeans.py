@@ -550,9 +550,10 @@ def _kpp_grid(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     within a sixteenth of a level squared.
     """
     reach = math.floor(_GRID_REACH / math.sqrt(x.shape[-1]) - 1e-9)
-    extent = torch.where(w.unsqueeze(-1) > 0, x.abs(), 0.0).amax((1, 2)).double().clamp_min(2.0**-100)
+    held = torch.where(w.unsqueeze(-1) > 0, x, 0.0)  # padding neither sets the scale nor leaves the grid
+    extent = held.abs().amax((1, 2)).double().clamp_min(2.0**-100)
     scale = torch.exp2(torch.floor(torch.log2(reach / extent)).clamp(-100, 100)).float()
-    return torch.round(torch.where(w.unsqueeze(-1) > 0, x, 0.0) * scale.view(-1, 1, 1))
+    return torch.round(held * scale.view(-1, 1, 1))
 
 
 def _kmeans_plusplus(x, w, k: torch.Tensor, k_max: int, streams: _Streams, tag: int):
