@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import kernels
+from . import cpu_kernels, kernels
 from .device import chunk_budget_bytes, exact_float32_matmul, resolve_device
 
 __all__ = [
@@ -263,8 +263,11 @@ class _Assigner:
         # rounding) changes from run to run; a one-hot product is
         # deterministic. On the CPU scatter_add is deterministic and cheaper.
         self.one_hot_sums = x.device.type == "cuda"
-        # On CUDA (with Triton) a fused kernel does the search and the sums (see kernels.py).
+        # On CUDA (with Triton) a fused kernel does the search and the sums (see kernels.py); on
+        # the CPU (with numba) a compiled search that keeps bounds across passes (cpu_kernels.py).
         self.fused = kernels.usable(x)
+        self.compiled = not self.fused and cpu_kernels.usable(x)
+        self.bounds: cpu_kernels.Bounds | None = None
         self._scratch = torch.empty(0, device=x.device)
         self._xw = self._w64 = self._xa = self._x_sq = None
 
@@ -272,7 +275,8 @@ class _Assigner:
         new = _Assigner.__new__(_Assigner)
         new.x, new.w = self.x[idx], self.w[idx]
         new.budget, new.one_hot_sums, new._scratch = self.budget, self.one_hot_sums, self._scratch
-        new.fused = self.fused
+        new.fused, new.compiled = self.fused, self.compiled
+        new.bounds = None if self.bounds is None else self.bounds.subset(idx)
         new._xw = None if self._xw is None else self._xw[idx]
         new._w64 = None if self._w64 is None else self._w64[idx]
         new._xa = None if self._xa is None else self._xa[idx]
@@ -331,6 +335,16 @@ class _Assigner:
                 return kernels.nearest(self.x, centers, slot_ok, self.w if sums else None)
             except kernels.KernelUnavailable:
                 self.fused = False
+                self.compiled = cpu_kernels.usable(self.x)
+        if self.compiled:
+            n_clusters = slot_ok.sum(1)
+            if bool((slot_ok == (torch.arange(slot_ok.shape[1]) < n_clusters.unsqueeze(1))).all()):
+                if sums and self.bounds is None:
+                    self.bounds = cpu_kernels.Bounds(self.x)
+                return cpu_kernels.nearest(
+                    self.x, self.w, centers, n_clusters, bounds=self.bounds if sums else None,
+                    previous=previous, sums=sums,
+                )  # fmt: skip
         B, N, d = self.x.shape
         k = centers.shape[1]
         ca = _augment_centers(centers, slot_ok)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from sklearn.cluster import KMeans as SKKMeans
 from sklearn.datasets import make_blobs
 
-from kmgpu import KMeans, KMeansWarning, kmeans
+from kmgpu import KMeans, KMeansWarning, cpu_kernels, kmeans
 from kmgpu.kmeans import NotFittedError, assign
 from kmgpu.quantize import color_histogram
 
@@ -17,6 +17,16 @@ from .conftest import needs_cuda, sample_pixels
 
 # the module, not the function of the same name that kmgpu exports
 km = importlib.import_module("kmgpu.kmeans")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "generic"])
+def cpu_search(request, monkeypatch):
+    """Every test here runs with both CPU searches: numba's (cpu_kernels.py) and torch's."""
+    if request.param == "generic":
+        monkeypatch.setenv("KMGPU_NUMBA", "0")
+    elif not cpu_kernels.usable(torch.zeros(1, 1, 3)):
+        pytest.skip("numba is not installed: the compiled CPU search does not run here")
+    return request.param
 
 
 # ---------------------------------------------------------------- exact fixtures
@@ -329,21 +339,37 @@ def test_starts_side_by_side_equal_one_after_another(coffee_small, monkeypatch, 
 
 
 # ---------------------------------------------------------------- passes saved: guesses, no final pass
-def test_init_labels_guess_changes_nothing_but_the_work(coffee_small, monkeypatch):
+def test_init_labels_guess_changes_nothing_but_the_work(coffee_small, monkeypatch, cpu_search):
     x = torch.from_numpy(coffee_small).float()
     coarse = kmeans(x, 48, seed=3, max_iter=4, device="cpu")
     plain = kmeans(x, 48, init=coarse.centers, max_iter=6, device="cpu")
-    searched = []
-    real = km._nearest_into
-    monkeypatch.setattr(
-        km, "_nearest_into", lambda part, best, lab, guessed: searched.append(guessed) or real(part, best, lab, guessed)
-    )
+    guessed, searched = [], []
+    if cpu_search == "generic":
+        real = km._nearest_into
+
+        def spy(part, best, lab, guess):
+            guessed.append(guess)
+            return real(part, best, lab, guess)
+
+        monkeypatch.setattr(km, "_nearest_into", spy)
+    else:
+        real = cpu_kernels._search
+
+        def spy(*args):
+            guessed.append(args[-3])
+            searched.append(real(*args))
+            return searched[-1]
+
+        monkeypatch.setattr(cpu_kernels, "_search", spy)
     # The coarse fit's labels against its own final centers: a good guess; then a poor one (all 0).
     for guess in (coarse.labels, torch.zeros_like(coarse.labels)):
+        guessed.clear()
         searched.clear()
         hinted = kmeans(x, 48, init=coarse.centers, max_iter=6, device="cpu", init_labels=guess)
-        assert searched and all(searched)  # every pass, the first included, started from labels
+        assert guessed and all(guessed)  # every pass, the first included, started from labels
         assert torch.equal(hinted.centers, plain.centers) and torch.equal(hinted.labels, plain.labels)
+        if searched:  # the compiled search: the good guess spares most of the first pass's search
+            assert (searched[0] < len(x) // 2) == (guess is coarse.labels)
     with pytest.raises(ValueError, match="init_labels must lie in 0 to 47"):
         kmeans(x, 48, init=coarse.centers, device="cpu", init_labels=torch.full_like(coarse.labels, 48))
     with pytest.raises(ValueError, match="init_labels must be integers"):
@@ -414,8 +440,10 @@ def test_estimator_contract(coffee_small):
         model.predict(x[:, :2])
 
 
-def test_one_hot_cluster_sums_agree_with_scatter_sums(coffee_small, monkeypatch):
+def test_one_hot_cluster_sums_agree_with_scatter_sums(coffee_small, monkeypatch, cpu_search):
     """CUDA's per-block one-hot product sums (deterministic there), run on the CPU, fit the same."""
+    if cpu_search == "compiled":
+        pytest.skip("the compiled search sums its clusters itself")
     x = torch.from_numpy(coffee_small).float()
     scatter = kmeans(x, 24, seed=1, max_iter=8, device="cpu", chunk_bytes=2**16)  # many blocks
     real_init = km._Assigner.__init__

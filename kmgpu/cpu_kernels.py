@@ -1,0 +1,307 @@
+"""The nearest-center search on the CPU, compiled with numba, with Hamerly's bounds.
+
+The generic assignment step (``kmeans._Assigner``) forms the (B, N, k) matrix
+of ``||c||^2 - 2 x.c`` block by block with one batched product and takes its
+minimum: on the CPU that writes and reads k floats per point, and ran at
+about 0.3 ns per point and center on 2 cores, bound by memory stores, not
+arithmetic. Sessions 2 to 9 found no vectorised torch formulation faster
+(see BENCHMARKS.md). This kernel runs one point at a time through the
+centers, in a buffer of k floats that stays in L1, and skips the search
+where it can prove the point's center has not changed:
+
+- Every point keeps a lower bound on its distance to every center but its
+  own (Hamerly 2010). When centers move, the bound drops by the largest
+  move of another center; a point whose exact distance to its own center is
+  within that bound, or within half the distance from its center to the
+  nearest other center, keeps its center without a search.
+- Distances are sums of squared differences, so for 8-bit colors and an
+  integer palette they are exact in float32, and ties go to the lowest
+  center index (or, where a guess is given, to the guess), as on the other
+  paths. The bound tests keep a margin of 1e-5 of the data's range, so
+  float32 rounding never keeps a center that a full search would replace.
+- Points are independent, and the cluster sums are added in float64 one
+  problem at a time, in point order: the result does not depend on the
+  number of threads. Threads are plain Python threads over ranges of points
+  (the kernels release the GIL), as many as torch uses; numba's own
+  threading layers are not used, so forked DataLoader workers are safe.
+
+numba is a dependency; where it cannot be imported, or with
+``KMGPU_NUMBA=0``, the generic path runs (the tests run both).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+__all__ = ["usable", "Bounds", "nearest"]
+
+try:  # pragma: no cover - exercised where numba is missing
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
+
+_BIG = np.float32(3.0e38)  # "no second center"; finite, as fastmath assumes no infinities
+_INF_BITS = np.int32(0x7F800000)  # the bits of float32 infinity: above those of every finite float >= 0
+# Below this many points times centers, one thread: a thread hand-off costs tens of microseconds.
+_THREAD_WORK = 2**20
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = -1
+_pool_lock = threading.Lock()
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the compiled search runs on the points ``x`` (B, N, d): a CPU tensor, numba present."""
+    return _search is not None and x.device.type == "cpu" and os.environ.get("KMGPU_NUMBA", "1") != "0"
+
+
+def _jit(**options):
+    """numba's njit, caching compiled code on disk where it can (else compiling once per process)."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # pragma: no cover - no writable cache location
+            return numba.njit(nogil=True, **options)(fn)
+
+    return wrap
+
+
+def _kernels():
+    @_jit(inline="always")
+    def float_of_bits(v):
+        """The value of the float32 >= 0 whose bits are the int32 ``v``, exactly (as float32)."""
+        exponent = v >> 23
+        if exponent == 0:  # subnormal
+            return np.float32(math.ldexp(np.float64(v), -149))
+        return np.float32(math.ldexp(np.float64((v & 0x7FFFFF) | 0x800000), exponent - 150))
+
+    @_jit(fastmath=True)
+    def search(x, ct, kb, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, guessed, start, stop):
+        """Points start..stop of the flattened (B, N): each one's nearest center.
+
+        On entry ``labels`` holds each point's guess (if ``guessed``) and
+        ``known[b, i]`` the center its ``lower`` bound was taken against
+        (-1: none). Writes ``labels``, ``known``, ``dist`` (squared) and
+        ``lower``; returns how many points were searched in full.
+        """
+        n_points, d = x.shape[1], x.shape[2]
+        k_max = ct.shape[2]
+        buf = np.empty(k_max, np.float32)
+        bits = buf.view(np.int32)
+        searched = 0
+        for b in range(start // n_points, (stop + n_points - 1) // n_points):
+            xb, cb, k = x[b], ct[b], kb[b]
+            labels_b, known_b, lower_b, nn_b = labels[b], known[b], lower[b], nn_sq[b]
+            move_other, move_own, own, slack = d_max[b], d_second[b], d_arg[b], margin[b]
+            for i in range(max(start - b * n_points, 0), min(stop - b * n_points, n_points)):
+                a = labels_b[i]
+                if guessed and 0 <= a < k:
+                    sq = np.float32(0.0)
+                    for c in range(d):
+                        t = xb[i, c] - cb[c, a]
+                        sq += t * t
+                    # No other center is nearer than half the way to a's nearest neighbour.
+                    keep = np.float32(4.0) * sq <= nn_b[a]
+                    du = np.sqrt(sq)
+                    lo = np.sqrt(nn_b[a]) - du  # a bound on every other center's distance
+                    if known_b[i] == a:
+                        moved = lower_b[i] - (move_own if a == own else move_other)
+                        lo = max(lo, moved)
+                        keep = keep or du <= moved - slack
+                    if keep:
+                        dist[b, i] = sq
+                        lower_b[i] = lo
+                        known_b[i] = a
+                        continue
+                searched += 1
+                if d == 3:  # colors: one pass, the three channels in registers
+                    x0, x1, x2 = xb[i, 0], xb[i, 1], xb[i, 2]
+                    c0, c1, c2 = cb[0], cb[1], cb[2]
+                    for j in range(k):
+                        t0 = x0 - c0[j]
+                        t1 = x1 - c1[j]
+                        t2 = x2 - c2[j]
+                        buf[j] = t0 * t0 + t1 * t1 + t2 * t2
+                else:
+                    for j in range(k):
+                        buf[j] = 0.0
+                    for c in range(d):
+                        xc = xb[i, c]
+                        cc = cb[c]
+                        for j in range(k):
+                            t = xc - cc[j]
+                            buf[j] += t * t
+                # The minimum, its first index and the runner-up, on the bits: for floats >= 0
+                # the order is that of their bits as integers, and integer reductions vectorise
+                # (float min reductions did not: 4x slower).
+                m = _INF_BITS
+                for j in range(k):
+                    m = min(m, bits[j])
+                if guessed and 0 <= a < k and bits[a] == m:
+                    j1 = np.int32(a)  # a tie keeps the guess
+                else:
+                    j1 = np.int32(k)
+                    for j in range(k):
+                        j1 = min(j1, np.int32(j) if bits[j] == m else np.int32(k))
+                d1 = buf[j1]
+                bits[j1] = _INF_BITS
+                m2 = _INF_BITS
+                for j in range(k):
+                    m2 = min(m2, bits[j])
+                labels_b[i] = j1
+                known_b[i] = j1
+                dist[b, i] = d1
+                lower_b[i] = np.sqrt(float_of_bits(m2)) if m2 < _INF_BITS else _BIG
+        return searched
+
+    @_jit()
+    def geometry(c, prev, kb, nn_sq, d_max, d_arg, d_second):
+        """Per problem: each center's squared distance to its nearest other center, each center's move since
+        ``prev``, and the largest two moves (the largest's center in ``d_arg``)."""
+        n_problems, _, d = c.shape
+        for b in range(n_problems):
+            k = kb[b]
+            for j in range(k):
+                best = np.inf
+                for other in range(k):
+                    if other != j:
+                        s = 0.0
+                        for q in range(d):
+                            t = np.float64(c[b, j, q]) - c[b, other, q]
+                            s += t * t
+                        best = min(best, s)
+                nn_sq[b, j] = best if k > 1 else _BIG
+            first, second, arg = 0.0, 0.0, -1
+            for j in range(k):
+                s = 0.0
+                for q in range(d):
+                    t = np.float64(c[b, j, q]) - prev[b, j, q]
+                    s += t * t
+                move = np.sqrt(s)
+                if move > first:
+                    first, second, arg = move, first, j
+                elif move > second:
+                    second = move
+            d_max[b], d_second[b], d_arg[b] = first, second, arg
+
+    @_jit()
+    def sums(x, w, labels, sum_x, sum_w):
+        """Weighted sums of each cluster's points, in float64, in point order (B, k, d) and (B, k)."""
+        n_problems, n_points, d = x.shape
+        for b in range(n_problems):
+            for i in range(n_points):
+                a = labels[b, i]
+                wi = np.float64(w[b, i])
+                sum_w[b, a] += wi
+                for c in range(d):
+                    sum_x[b, a, c] += wi * x[b, i, c]
+
+    return search, geometry, sums, float_of_bits
+
+
+_search, _geometry, _sums, _float_of_bits = _kernels() if numba is not None else (None,) * 4
+
+
+class Bounds:
+    """What the search keeps between the Lloyd passes of one set of points (B, N, d)."""
+
+    def __init__(self, x: torch.Tensor):
+        B, N, _ = x.shape
+        self.known = torch.full((B, N), -1, dtype=torch.int64)
+        self.lower = torch.zeros(B, N, dtype=torch.float32)
+        self.centers: torch.Tensor | None = None  # the centers ``lower`` refers to
+        # A float32 distance between points of magnitude r is off by a few ulps of r at most.
+        self.margin = (x.abs().amax((1, 2)) * 1e-5).contiguous() if N else torch.zeros(B)
+
+    def subset(self, idx: torch.Tensor) -> Bounds:
+        new = Bounds.__new__(Bounds)
+        new.known, new.lower, new.margin = self.known[idx], self.lower[idx], self.margin[idx]
+        new.centers = None if self.centers is None else self.centers[idx]
+        return new
+
+
+def _threads(work: int) -> int:
+    return max(1, min(torch.get_num_threads(), work // _THREAD_WORK))
+
+
+def _get_pool() -> ThreadPoolExecutor:
+    """The search threads of this process (a forked child makes its own)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kmgpu-search")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous=None, sums: bool = False):
+    """Each point's nearest center among the first ``n_clusters`` of its problem.
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, N, d), float32, on the CPU
+    w : Tensor of shape (B, N), float32 (read only with ``sums``)
+    centers : Tensor of shape (B, k, d), float32
+    n_clusters : Tensor of shape (B,), int64
+    bounds : Bounds, optional
+        Kept across the calls of one fit: lets points skip the search.
+    previous : Tensor of shape (B, N), int64, optional
+        Each point's likely center; where the bounds prove it still nearest
+        (or it ties), it is kept.
+    sums : bool
+        Also return each cluster's weighted sums (B, k, d) and weights (B, k), float64.
+
+    Returns
+    -------
+    labels (B, N) int64, min_dist (B, N) float32, sum_x, sum_w (or None, None)
+    """
+    B, N, d = x.shape
+    k = centers.shape[1]
+    x = x.to(torch.float32).contiguous()
+    c = centers.to(torch.float32).contiguous()
+    ct = c.transpose(1, 2).contiguous()
+    kb = n_clusters.to(torch.int64).contiguous()
+    guessed = previous is not None
+    labels = previous.to(torch.int64, copy=True).contiguous() if guessed else torch.zeros(B, N, dtype=torch.int64)
+    dist = torch.empty(B, N, dtype=torch.float32)
+    if bounds is None:  # a single search: only the guess and the centers' spacing can spare one
+        bounds = Bounds.__new__(Bounds)
+        bounds.known = torch.full((B, N), -1, dtype=torch.int64)
+        bounds.lower = torch.empty(B, N, dtype=torch.float32)
+        bounds.margin = torch.zeros(B, dtype=torch.float32)
+        bounds.centers = None
+    prev = bounds.centers if bounds.centers is not None and bounds.centers.shape == c.shape else None
+    if prev is None:
+        bounds.known.fill_(-1)  # the bounds refer to other centers (or to none)
+        prev = c
+    nn_sq = torch.empty(B, k, dtype=torch.float32)
+    d_max = torch.empty(B, dtype=torch.float32)
+    d_second = torch.empty(B, dtype=torch.float32)
+    d_arg = torch.empty(B, dtype=torch.int64)
+    arrays = [t.numpy() for t in (c, prev, kb, nn_sq, d_max, d_arg, d_second)]
+    _geometry(*arrays)
+    state = (labels, bounds.known, dist, bounds.lower)
+    args = [t.numpy() for t in (x, ct, kb, *state, nn_sq, d_max, d_arg, d_second, bounds.margin)]
+    total = B * N
+    threads = _threads(total * k)
+    if threads == 1:
+        _search(*args, guessed, 0, total)
+    else:
+        cuts = [total * t // threads for t in range(threads + 1)]
+        pool = _get_pool()
+        jobs = [pool.submit(_search, *args, guessed, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+        for job in jobs:
+            job.result()
+    bounds.centers = c.clone()  # the caller may update its centers in place
+    sum_x = sum_w = None
+    if sums:
+        sum_x = torch.zeros(B, k, d, dtype=torch.float64)
+        sum_w = torch.zeros(B, k, dtype=torch.float64)
+        _sums(x.numpy(), w.to(torch.float32).contiguous().numpy(), labels.numpy(), sum_x.numpy(), sum_w.numpy())
+    return labels, dist, sum_x, sum_w

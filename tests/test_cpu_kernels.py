@@ -1,0 +1,124 @@
+"""The compiled CPU search (kmgpu/cpu_kernels.py) against brute force, with and without its bounds."""
+
+import numpy as np
+import pytest
+import torch
+
+from kmgpu import cpu_kernels
+from kmgpu.kmeans import kmeans
+
+from .conftest import sample_pixels
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.usable(torch.zeros(1, 1, 3)), reason="numba is not installed: the compiled CPU search does not run"
+)
+
+
+def brute(x, c, k):
+    """Nearest of the first k[b] centers by a float64 broadcast; the first index among equals."""
+    d = ((x[:, :, None, :].double() - c[:, None, :, :].double()) ** 2).sum(-1)
+    d[:, :, :][torch.arange(c.shape[1]).expand_as(d) >= k.view(-1, 1, 1)] = float("inf")
+    return d.min(-1)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4])
+def test_full_search_is_exact_on_integers(d):
+    """8-bit points and an integer palette: exact distances, so the first nearest center, bit for bit."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randint(0, 256, (3, 500, d), generator=g).float()
+    c = torch.randint(0, 256, (3, 70, d), generator=g).float()
+    c[:, 5] = c[:, 2]  # equal centers: the first wins
+    k = torch.tensor([70, 33, 2])
+    labels, dist, _, _ = cpu_kernels.nearest(x, None, c, k)
+    best, idx = brute(x, c, k)
+    assert torch.equal(labels, idx) and torch.equal(dist.double(), best)
+    assert not bool((labels == 5).any())
+
+
+def test_runner_up_bound_is_the_second_distance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 300, 3, generator=g) * 100
+    c = torch.rand(1, 40, 3, generator=g) * 100
+    bounds = cpu_kernels.Bounds(x)
+    cpu_kernels.nearest(x, torch.ones(1, 300), c, torch.tensor([40]), bounds=bounds, sums=True)
+    d = ((x[:, :, None].double() - c[:, None].double()) ** 2).sum(-1).sqrt()
+    second = d.sort(-1).values[..., 1].float()
+    torch.testing.assert_close(bounds.lower, second, rtol=1e-5, atol=1e-4)
+
+
+def test_float_of_bits_is_exact():
+    values = np.concatenate(
+        [np.float32([0.0, 1e-45, 3e-39, 1.1754944e-38, 1.0, 255.0**2 * 4, 3.0e38]),
+         np.random.default_rng(0).random(1000, dtype=np.float32) * 10.0 ** np.arange(-20, 30, 0.05)[:1000]]
+    ).astype(np.float32)  # fmt: skip
+    bits = values.view(np.int32)
+    assert all(cpu_kernels._float_of_bits(np.int32(b)) == v for b, v in zip(bits, values))
+
+
+def lloyd(x, w, centers, k, steps, bounds):
+    """Plain over-relaxed Lloyd steps through nearest(); returns the labels of every step."""
+    out = []
+    labels = None
+    for _ in range(steps):
+        labels, dist, sx, sw = cpu_kernels.nearest(x, w, centers, k, bounds=bounds, previous=labels, sums=True)
+        out.append((labels.clone(), dist.clone()))
+        mean = torch.where(sw.unsqueeze(-1) > 0, sx / sw.clamp_min(1e-300).unsqueeze(-1), centers.double())
+        centers = (centers + 1.8 * (mean.float() - centers)).contiguous()
+    return out
+
+
+def test_bounds_change_the_work_not_the_labels():
+    """Lloyd steps that skip searches by Hamerly's bounds label every point as a full search does."""
+    colors = torch.from_numpy(np.unique(sample_pixels("coffee.png"), axis=0)).float()
+    x = colors.unsqueeze(0) - 128.0
+    w = torch.ones(x.shape[:2])
+    fit = kmeans(colors, 64, seed=0, max_iter=2, device="cpu")
+    centers = (fit.centers - 128.0).unsqueeze(0).contiguous()
+    k = torch.tensor([64])
+    searched = []
+    real = cpu_kernels._search
+    spy = lambda *a: searched.append(real(*a)) or searched[-1]  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "_search", spy)
+        mp.setattr(cpu_kernels, "_THREAD_WORK", 2**40)  # one thread: one count per pass
+        bounded = lloyd(x, w, centers, k, 8, cpu_kernels.Bounds(x))
+    full = lloyd(x, w, centers, k, 8, None)
+    for (lb, db), (lf, df) in zip(bounded, full):
+        assert torch.equal(lb, lf)
+        torch.testing.assert_close(db, df, rtol=1e-6, atol=1e-6)
+    assert searched[0] == x.shape[1] and sum(searched[1:]) < 0.5 * 7 * x.shape[1]
+
+
+def test_threads_do_not_change_the_result(monkeypatch):
+    colors = torch.from_numpy(sample_pixels("coffee.png")[::5].copy()).float()
+    x = torch.stack([colors[:20000], colors[20000:40000]])
+    w = torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(1))
+    c = x[:, ::400].contiguous()
+    k = torch.tensor([50, 37])
+    runs = []
+    for threads, work in ((1, 2**40), (2, 1), (3, 1)):
+        monkeypatch.setattr(cpu_kernels, "_THREAD_WORK", work)
+        with torch.no_grad():
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                runs.append(cpu_kernels.nearest(x, w, c, k, sums=True))
+            finally:
+                torch.set_num_threads(old)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+    best, idx = brute(x, c, k)
+    assert torch.equal(runs[0][0], idx)
+    sx = torch.zeros(2, 50, 3, dtype=torch.float64).index_put_(
+        (torch.arange(2).view(-1, 1).expand_as(idx), idx), x.double() * w.double().unsqueeze(-1), accumulate=True
+    )
+    torch.testing.assert_close(runs[0][2], sx)
+
+
+def test_compiled_and_generic_fits_agree_in_quality(monkeypatch):
+    """The two CPU searches round near-ties apart, so fits differ in bits but not in quality."""
+    pixels = torch.from_numpy(sample_pixels("coffee.png").copy()).float()
+    compiled = kmeans(pixels, 32, seed=0, max_iter=10, device="cpu")
+    monkeypatch.setenv("KMGPU_NUMBA", "0")
+    generic = kmeans(pixels, 32, seed=0, max_iter=10, device="cpu")
+    assert float(compiled.inertia) == pytest.approx(float(generic.inertia), rel=2e-3)
