@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["usable", "Bounds", "nearest"]
+__all__ = ["usable", "Bounds", "nearest", "warm_up"]
 
 try:  # pragma: no cover - exercised where numba is missing
     import numba
@@ -48,8 +48,10 @@ except ImportError:  # pragma: no cover
 
 _BIG = np.float32(3.0e38)  # "no second center"; finite, as fastmath assumes no infinities
 _INF_BITS = np.int32(0x7F800000)  # the bits of float32 infinity: above those of every finite float >= 0
-# Below this many points times centers, one thread: a thread hand-off costs tens of microseconds.
-_THREAD_WORK = 2**20
+# Work of a search, in points times (centers + 32): a point costs about as much as 32 centers
+# besides its centers. Below this much work per thread, fewer threads: a hand-off costs tens of
+# microseconds, about what 2**18 units take.
+_THREAD_WORK = 2**18
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
 _pool_lock = threading.Lock()
@@ -72,9 +74,10 @@ def _jit(**options):
     return wrap
 
 
-def _kernels():
+if numba is not None:
+
     @_jit(inline="always")
-    def float_of_bits(v):
+    def _float_of_bits(v):
         """The value of the float32 >= 0 whose bits are the int32 ``v``, exactly (as float32)."""
         exponent = v >> 23
         if exponent == 0:  # subnormal
@@ -82,7 +85,7 @@ def _kernels():
         return np.float32(math.ldexp(np.float64((v & 0x7FFFFF) | 0x800000), exponent - 150))
 
     @_jit(fastmath=True)
-    def search(x, ct, kb, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, guessed, start, stop):
+    def _search(x, ct, kb, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, guessed, start, stop):
         """Points start..stop of the flattened (B, N): each one's nearest center.
 
         On entry ``labels`` holds each point's guess (if ``guessed``) and
@@ -157,11 +160,11 @@ def _kernels():
                 labels_b[i] = j1
                 known_b[i] = j1
                 dist[b, i] = d1
-                lower_b[i] = np.sqrt(float_of_bits(m2)) if m2 < _INF_BITS else _BIG
+                lower_b[i] = np.sqrt(_float_of_bits(m2)) if m2 < _INF_BITS else _BIG
         return searched
 
     @_jit()
-    def geometry(c, prev, kb, nn_sq, d_max, d_arg, d_second):
+    def _geometry(c, prev, kb, nn_sq, d_max, d_arg, d_second):
         """Per problem: each center's squared distance to its nearest other center, each center's move since
         ``prev``, and the largest two moves (the largest's center in ``d_arg``)."""
         n_problems, _, d = c.shape
@@ -191,7 +194,7 @@ def _kernels():
             d_max[b], d_second[b], d_arg[b] = first, second, arg
 
     @_jit()
-    def sums(x, w, labels, sum_x, sum_w):
+    def _sums(x, w, labels, sum_x, sum_w):
         """Weighted sums of each cluster's points, in float64, in point order (B, k, d) and (B, k)."""
         n_problems, n_points, d = x.shape
         for b in range(n_problems):
@@ -202,10 +205,69 @@ def _kernels():
                 for c in range(d):
                     sum_x[b, a, c] += wi * x[b, i, c]
 
-    return search, geometry, sums, float_of_bits
+    @_jit()
+    def _draw(cum, target):
+        """The first index whose cumulative sum exceeds ``target`` (NumPy's searchsorted, side="right"), at most
+        the last."""
+        lo, hi = 0, cum.shape[0]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cum[mid] <= target:
+                lo = mid + 1
+            else:
+                hi = mid
+        return min(lo, cum.shape[0] - 1)
 
+    @_jit(fastmath=True)
+    def _kmeans_plusplus(g, w, by_weight, u, k, n_trials, chosen):
+        """Greedy k-means++ on one problem's grid points ``g`` (N, d): the indices of its k centers into ``chosen``.
 
-_search, _geometry, _sums, _float_of_bits = _kernels() if numba is not None else (None,) * 4
+        The distances of grid points are integers below 2**24, exact in float32,
+        and the weights integers (counts) where kmgpu calls it, so every
+        potential is an exact float64 sum in any order: the draws are those of
+        the torch versions.
+        """
+        n, d = g.shape
+        closest = np.empty(n, np.float32)
+        trial = np.empty((n_trials, n), np.float32)
+        cum = np.empty(n, np.float64)
+        cand = np.empty(n_trials, np.int64)
+        first = _draw(by_weight, u[0] * by_weight[n - 1])
+        chosen[0] = first
+        for i in range(n):
+            s = np.float32(0.0)
+            for q in range(d):
+                t = g[i, q] - g[first, q]
+                s += t * t
+            closest[i] = s
+        for c in range(1, k):
+            total = 0.0
+            for i in range(n):
+                total += closest[i] * w[i]
+                cum[i] = total
+            source = cum if total > 0 else by_weight  # every point on a center: draw by weight alone
+            for t in range(n_trials):
+                cand[t] = _draw(source, u[1 + (c - 1) * n_trials + t] * source[n - 1])
+            best, best_potential = 0, np.inf
+            for t in range(n_trials):
+                row = trial[t]
+                p = cand[t]
+                potential = 0.0
+                for i in range(n):
+                    s = np.float32(0.0)
+                    for q in range(d):
+                        v = g[i, q] - g[p, q]
+                        s += v * v
+                    s = min(s, closest[i])
+                    row[i] = s
+                    potential += s * w[i]
+                if potential < best_potential:
+                    best, best_potential = t, potential
+            closest[:] = trial[best]
+            chosen[c] = cand[best]
+
+else:  # pragma: no cover
+    _search = _geometry = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
 
 
 class Bounds:
@@ -224,6 +286,22 @@ class Bounds:
         new.known, new.lower, new.margin = self.known[idx], self.lower[idx], self.margin[idx]
         new.centers = None if self.centers is None else self.centers[idx]
         return new
+
+
+def warm_up() -> None:
+    """Load (or, the first time, compile) every kernel now: forked workers then inherit them.
+
+    Loading them from numba's disk cache takes about 0.4 s a process; compiling, the first time
+    on a machine, several seconds.
+    """
+    if _search is None:
+        return
+    x = torch.zeros(1, 4, 3)
+    x[0, 1:, 0] = torch.arange(3.0)
+    labels, *_ = nearest(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), bounds=Bounds(x), sums=True)
+    nearest(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), bounds=None, previous=labels)
+    g = x[0].numpy()
+    _kmeans_plusplus(g, np.ones(4), np.arange(1.0, 5.0), np.full(8, 0.5), 2, 2, np.zeros(2, dtype=np.int64))
 
 
 def _threads(work: int) -> int:
@@ -289,7 +367,7 @@ def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous
     state = (labels, bounds.known, dist, bounds.lower)
     args = [t.numpy() for t in (x, ct, kb, *state, nn_sq, d_max, d_arg, d_second, bounds.margin)]
     total = B * N
-    threads = _threads(total * k)
+    threads = _threads(total * (k + 32))
     if threads == 1:
         _search(*args, guessed, 0, total)
     else:

@@ -672,8 +672,15 @@ def _kmeans_plusplus_host(x, w, k: torch.Tensor, k_max: int, streams: _Streams, 
     uniforms = streams.uniform(1 + (k_max - 1) * n_trials, tag).numpy()
     centers = np.zeros((B, k_max, d), dtype=np.float32)
     grid = _kpp_grid(x, w)
+    compiled = cpu_kernels.usable(x)
     for b in range(B):
         g, wb, u = grid[b], w[b].double(), uniforms[b]
+        if compiled:  # the same draws, 3-4x faster: one compiled loop instead of a dozen calls a step
+            chosen = np.zeros(k_max, dtype=np.int64)
+            by_weight = wb.cumsum(0).numpy()
+            cpu_kernels._kmeans_plusplus(g.numpy(), wb.numpy(), by_weight, u, int(k[b]), n_trials, chosen)
+            centers[b, : int(k[b])] = x[b].numpy()[chosen[: int(k[b])]]
+            continue
         g_sq = (g * g).sum(1, keepdim=True)
         ones = torch.ones_like(g_sq)
         # [c, ||c||^2, 1] . [-2g; 1; ||g||^2] = ||g - c||^2: one exact product gives every candidate's distances.

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__
+from . import __version__, cpu_kernels
 from .config import RunConfig, available_cores
 from .data import (
     IMAGE_SUFFIXES,
@@ -504,6 +504,8 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     workers = config.worker_count(device.type)
     # On the CPU with worker processes, the workers fit and encode too (see quantize_in_worker).
     in_workers = device.type == "cpu" and workers > 0
+    if in_workers:
+        cpu_kernels.warm_up()  # once here, not once per worker
     dataset = DecodeDataset(
         sources,
         done,

@@ -361,6 +361,7 @@ def test_init_labels_guess_changes_nothing_but_the_work(coffee_small, monkeypatc
             return searched[-1]
 
         monkeypatch.setattr(cpu_kernels, "_search", spy)
+        monkeypatch.setattr(cpu_kernels, "_THREAD_WORK", 2**40)  # one thread: one count per pass
     # The coarse fit's labels against its own final centers: a good guess; then a poor one (all 0).
     for guess in (coarse.labels, torch.zeros_like(coarse.labels)):
         guessed.clear()
