@@ -220,26 +220,26 @@ if numba is not None:
 
     @_jit(fastmath=True)
     def _kmeans_plusplus(g, w, by_weight, u, k, n_trials, chosen):
-        """Greedy k-means++ on one problem's grid points ``g`` (N, d): the indices of its k centers into ``chosen``.
+        """Greedy k-means++ on one problem's grid points ``g`` (d, N), laid out by channel: the indices of its k
+        centers into ``chosen``.
 
         The distances of grid points are integers below 2**24, exact in float32,
         and the weights integers (counts) where kmgpu calls it, so every
         potential is an exact float64 sum in any order: the draws are those of
         the torch versions.
         """
-        n, d = g.shape
-        closest = np.empty(n, np.float32)
+        d, n = g.shape
+        closest = np.zeros(n, np.float32)
         trial = np.empty((n_trials, n), np.float32)
         cum = np.empty(n, np.float64)
         cand = np.empty(n_trials, np.int64)
         first = _draw(by_weight, u[0] * by_weight[n - 1])
         chosen[0] = first
-        for i in range(n):
-            s = np.float32(0.0)
-            for q in range(d):
-                t = g[i, q] - g[first, q]
-                s += t * t
-            closest[i] = s
+        for q in range(d):
+            gq, cq = g[q], g[q, first]
+            for i in range(n):
+                v = gq[i] - cq
+                closest[i] += v * v
         for c in range(1, k):
             total = 0.0
             for i in range(n):
@@ -251,16 +251,26 @@ if numba is not None:
             best, best_potential = 0, np.inf
             for t in range(n_trials):
                 row = trial[t]
-                p = cand[t]
                 potential = 0.0
-                for i in range(n):
-                    s = np.float32(0.0)
+                if d == 3:  # colors: one pass
+                    g0, g1, g2 = g[0], g[1], g[2]
+                    c0, c1, c2 = g0[cand[t]], g1[cand[t]], g2[cand[t]]
+                    for i in range(n):
+                        v0, v1, v2 = g0[i] - c0, g1[i] - c1, g2[i] - c2
+                        s = min(v0 * v0 + v1 * v1 + v2 * v2, closest[i])
+                        row[i] = s
+                        potential += s * w[i]
+                else:
+                    row[:] = 0.0
                     for q in range(d):
-                        v = g[i, q] - g[p, q]
-                        s += v * v
-                    s = min(s, closest[i])
-                    row[i] = s
-                    potential += s * w[i]
+                        gq, cq = g[q], g[q, cand[t]]
+                        for i in range(n):
+                            v = gq[i] - cq
+                            row[i] += v * v
+                    for i in range(n):
+                        s = min(row[i], closest[i])
+                        row[i] = s
+                        potential += s * w[i]
                 if potential < best_potential:
                     best, best_potential = t, potential
             closest[:] = trial[best]
@@ -300,7 +310,7 @@ def warm_up() -> None:
     x[0, 1:, 0] = torch.arange(3.0)
     labels, *_ = nearest(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), bounds=Bounds(x), sums=True)
     nearest(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), bounds=None, previous=labels)
-    g = x[0].numpy()
+    g = x[0].T.contiguous().numpy()
     _kmeans_plusplus(g, np.ones(4), np.arange(1.0, 5.0), np.full(8, 0.5), 2, 2, np.zeros(2, dtype=np.int64))
 
 

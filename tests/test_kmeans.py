@@ -123,6 +123,19 @@ def test_kmeanspp_host_loop_equals_batched_version(coffee_small):
         assert len({tuple(c) for c in host[b, :kb].tolist()}) == min(kb, int((w[b] > 0).sum()))
 
 
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_kmeanspp_host_loop_equals_batched_version_in_other_dimensions(d):
+    """Gray, gray + alpha and RGBA points: the same centers from both versions."""
+    gen = np.random.default_rng(d)
+    x = torch.from_numpy(gen.integers(0, 256, (2, 2000, d))).float() - 128
+    w = torch.from_numpy(gen.integers(1, 50, (2, 2000))).float()
+    k = torch.tensor([40, 17])
+    streams = km._Streams(3, torch.tensor([5, 6]), torch.device("cpu"))
+    batched = km._kmeans_plusplus(x, w, k, 40, streams, 1)
+    host = km._kmeans_plusplus_host(x, w, k, 40, streams, 1)
+    assert torch.equal(host[0], batched[0]) and torch.equal(host[1, :17], batched[1, :17])
+
+
 @pytest.mark.parametrize("d", [1, 3, 4, 16])
 @pytest.mark.parametrize("extent", [1e-3, 255.0, 3e7])
 def test_kmeanspp_grid_distances_are_exact_in_float32(d, extent):
