@@ -57,9 +57,14 @@ _pool_pid = -1
 _pool_lock = threading.Lock()
 
 
+def compiled() -> bool:
+    """Whether the compiled kernels run here: numba is present and ``KMGPU_NUMBA`` is not 0."""
+    return _search is not None and os.environ.get("KMGPU_NUMBA", "1") != "0"
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether the compiled search runs on the points ``x`` (B, N, d): a CPU tensor, numba present."""
-    return _search is not None and x.device.type == "cpu" and os.environ.get("KMGPU_NUMBA", "1") != "0"
+    return x.device.type == "cpu" and compiled()
 
 
 def _jit(**options):
@@ -276,7 +281,85 @@ if numba is not None:
             closest[:] = trial[best]
             chosen[c] = cand[best]
 
+    @_jit()
+    def _luma_row(img, r, weights, out):
+        """Row ``r`` of an (H, W, C) uint8 image as float64 luma (as ``metrics.luma``) into ``out``."""
+        if img.shape[2] >= 3:
+            for j in range(img.shape[1]):
+                out[j] = img[r, j, 0] * weights[0] + img[r, j, 1] * weights[1] + img[r, j, 2] * weights[2]
+        else:
+            for j in range(img.shape[1]):
+                out[j] = img[r, j, 0]
+
+    @_jit(fastmath=True)
+    def _quality(a, b, palette, lut, idx, indexed, weights, taps, c1, c2):
+        """Squared error summed over every channel value (int64) and the SSIM map summed over the window
+        positions, of ``a`` (H, W, C) uint8 against ``b``, or, if ``indexed``, against ``palette[idx]``
+        (whose luma is ``lut[idx]``).
+
+        One pass down the rows: the four maps SSIM blurs (x, y, x^2 + y^2, xy)
+        are blurred along each row as it comes, into a ring of the last
+        ``len(taps)`` rows, and down the columns as each window row completes.
+        Memory is a few rows, whatever the image. The multiply-adds run in the
+        order of ``metrics._blur``, taps first to last.
+        """
+        height, width, channels = a.shape
+        n = taps.shape[0]
+        cols = width - n + 1
+        ring = np.empty((n, 4, cols))
+        lx, ly, sq, xy = np.empty(width), np.empty(width), np.empty(width), np.empty(width)
+        acc = np.empty((4, cols))
+        err = 0
+        total = 0.0
+        for r in range(height):
+            _luma_row(a, r, weights, lx)
+            if indexed:
+                for j in range(width):
+                    p = idx[r, j]
+                    ly[j] = lut[p]
+                    for c in range(channels):
+                        e = np.int64(a[r, j, c]) - np.int64(palette[p, c])
+                        err += e * e
+            else:
+                _luma_row(b, r, weights, ly)
+                for j in range(width):
+                    for c in range(channels):
+                        e = np.int64(a[r, j, c]) - np.int64(b[r, j, c])
+                        err += e * e
+            for j in range(width):
+                sq[j] = lx[j] * lx[j] + ly[j] * ly[j]
+                xy[j] = lx[j] * ly[j]
+            h = ring[r % n]
+            for m, src in enumerate((lx, ly, sq, xy)):
+                row = h[m]
+                t0 = taps[0]
+                for j in range(cols):
+                    row[j] = src[j] * t0
+                for t in range(1, n):
+                    tap = taps[t]
+                    for j in range(cols):
+                        row[j] += src[j + t] * tap
+            if r < n - 1:
+                continue
+            top = r - n + 1  # the window row that is now complete
+            for m in range(4):
+                out = acc[m]
+                first = ring[top % n, m]
+                for j in range(cols):
+                    out[j] = first[j] * taps[0]
+                for t in range(1, n):
+                    row = ring[(top + t) % n, m]
+                    tap = taps[t]
+                    for j in range(cols):
+                        out[j] += row[j] * tap
+            for j in range(cols):
+                mx, my = acc[0, j], acc[1, j]
+                m_sq, m_xy = mx * mx + my * my, mx * my
+                total += ((2 * m_xy + c1) * (2 * (acc[3, j] - m_xy) + c2)) / ((m_sq + c1) * (acc[2, j] - m_sq + c2))
+        return err, total
+
 else:  # pragma: no cover
+    _luma_row = _quality = None
     _search = _geometry = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
 
 

@@ -46,7 +46,7 @@ from .imageio import (
     write_atomic,
 )
 from .kmeans import assign, kmeans
-from .metrics import psnr, quality_of, ssim
+from .metrics import quality_indexed, quality_of
 from .png import palette_size_error
 from .timing import StageClock, stage
 
@@ -605,7 +605,8 @@ class QuantizedImage:
         Lloyd iterations.
     measured : (float, float), optional
         PSNR and SSIM, when they were measured where the fit ran (on CUDA,
-        with the pixels already there); else they are computed on first use.
+        with the pixels already there); else they are computed, both at
+        once, on first use of either.
     """
 
     palette: np.ndarray
@@ -621,19 +622,20 @@ class QuantizedImage:
         """The quantized pixels, (H, W, C) uint8, as a viewer decodes the PNG."""
         return self.palette[self.indices]
 
+    def _measure(self) -> tuple[float, float]:
+        if self.measured is None:  # both at once: one pass over the pixels
+            self.measured = quality_indexed(self.source.pixels, self.palette, self.indices)
+        return self.measured
+
     @property
     def psnr(self) -> float:
         """PSNR in dB against the decoded input, over every channel value."""
-        if self.measured is not None:
-            return self.measured[0]
-        return psnr(self.source.pixels, self.reconstruct())
+        return self._measure()[0]
 
     @property
     def ssim(self) -> float:
         """SSIM of the luma against the decoded input."""
-        if self.measured is not None:
-            return self.measured[1]
-        return ssim(self.source.pixels, self.reconstruct())
+        return self._measure()[1]
 
     def png_bytes(self, *, level: int = 6) -> bytes:
         """The palette PNG, with the input's RGB ICC profile."""

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from kmgpu import metrics
+from kmgpu import cpu_kernels, metrics
 from kmgpu.metrics import (
     _blur,
     _blur_stack,
@@ -15,11 +15,42 @@ from kmgpu.metrics import (
     lossless_png_bytes,
     luma,
     psnr,
+    quality_indexed,
     quality_of,
     ssim,
 )
 
 from .conftest import SAMPLES
+
+
+@pytest.fixture(autouse=True, params=["compiled", "generic"])
+def cpu_path(request, monkeypatch):
+    """Every measure here is checked with numba's one-pass kernel (cpu_kernels._quality) and without."""
+    if request.param == "generic":
+        monkeypatch.setenv("KMGPU_NUMBA", "0")
+    elif not cpu_kernels.compiled():
+        pytest.skip("numba is not installed: the compiled measures do not run here")
+    return request.param
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "rocket.jpg"])
+@pytest.mark.parametrize("k", [2, 64, 256])
+def test_quality_indexed_equals_psnr_and_ssim_of_the_rebuilt_image(name, k):
+    with Image.open(SAMPLES / name) as im:
+        q = im.convert("RGB").quantize(k, method=Image.Quantize.MEDIANCUT)
+        a = np.asarray(im.convert("RGB"))
+    palette = np.asarray(q.getpalette()[: 3 * k], dtype=np.uint8).reshape(-1, 3)
+    indices = np.asarray(q)
+    rebuilt = palette[indices]
+    got = quality_indexed(a, palette, indices)
+    assert got[0] == pytest.approx(psnr(a, rebuilt), rel=1e-14)
+    assert got[1] == pytest.approx(ssim(a, rebuilt), abs=1e-12)
+    gray = a[:, :, :1]
+    levels = np.arange(0, 256, 255 // (k - 1), dtype=np.uint8)[:k, None]
+    idx = np.abs(gray[:, :, 0, None].astype(int) - levels[:, 0]).argmin(-1).astype(np.uint8)
+    got = quality_indexed(gray, levels, idx)
+    assert got[0] == pytest.approx(psnr(gray, levels[idx]), rel=1e-14)
+    assert got[1] == pytest.approx(ssim(gray, levels[idx]), abs=1e-12)
 
 
 @pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
