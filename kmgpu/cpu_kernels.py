@@ -1,11 +1,12 @@
-"""The nearest-center search on the CPU, compiled with numba, with Hamerly's bounds.
+"""CPU kernels compiled with numba: the nearest-center search (with Hamerly's bounds), k-means++, and
+PSNR with SSIM in one pass.
 
 The generic assignment step (``kmeans._Assigner``) forms the (B, N, k) matrix
 of ``||c||^2 - 2 x.c`` block by block with one batched product and takes its
 minimum: on the CPU that writes and reads k floats per point, and ran at
 about 0.3 ns per point and center on 2 cores, bound by memory stores, not
 arithmetic. Sessions 2 to 9 found no vectorised torch formulation faster
-(see BENCHMARKS.md). This kernel runs one point at a time through the
+(see BENCHMARKS.md). The search here runs one point at a time through the
 centers, in a buffer of k floats that stays in L1, and skips the search
 where it can prove the point's center has not changed:
 
@@ -25,8 +26,13 @@ where it can prove the point's center has not changed:
   (the kernels release the GIL), as many as torch uses; numba's own
   threading layers are not used, so forked DataLoader workers are safe.
 
+k-means++ (``_kmeans_plusplus``) draws the same centers as the torch
+versions in ``kmeans.py``; ``_quality`` measures PSNR and SSIM as
+``metrics.py`` defines them, in one pass down the rows.
+
 numba is a dependency; where it cannot be imported, or with
-``KMGPU_NUMBA=0``, the generic path runs (the tests run both).
+``KMGPU_NUMBA=0``, the torch and NumPy paths run (the tests run both). The
+kernels are compiled on first use and cached on disk by numba.
 """
 
 from __future__ import annotations
@@ -395,6 +401,10 @@ def warm_up() -> None:
     nearest(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), bounds=None, previous=labels)
     g = x[0].T.contiguous().numpy()
     _kmeans_plusplus(g, np.ones(4), np.arange(1.0, 5.0), np.full(8, 0.5), 2, 2, np.zeros(2, dtype=np.int64))
+    img, taps = np.zeros((3, 3, 3), dtype=np.uint8), np.ones(1)
+    idx, palette = np.zeros((3, 3), dtype=np.uint8), np.zeros((1, 3), dtype=np.uint8)
+    for indexed in (False, True):  # as metrics calls it
+        _quality(img, img, palette, np.zeros(1), idx, indexed, np.ones(3), taps, 1.0, 1.0)
 
 
 def _threads(work: int) -> int:

@@ -145,9 +145,8 @@ def _compiled_quality(original: np.ndarray, other: np.ndarray | None, palette=No
         palette = np.ascontiguousarray(palette)
         lut = luma(palette[None])[0]
         err, total = cpu_kernels._quality(
-            a, a[:1, :1], palette, lut, np.ascontiguousarray(indices, dtype=np.uint8), True,
-            _LUMA_WEIGHTS, taps, c1, c2,
-        )  # fmt: skip
+            a, a, palette, lut, np.ascontiguousarray(indices, dtype=np.uint8), True, _LUMA_WEIGHTS, taps, c1, c2
+        )
     return int(err), total / positions
 
 
@@ -166,7 +165,9 @@ def quality_indexed(original: np.ndarray, palette: np.ndarray, indices: np.ndarr
     """
     if original.shape[:2] != indices.shape or palette.shape[1:] != original.shape[2:]:
         raise ValueError(f"shapes differ: {original.shape}, palette {palette.shape}, indices {indices.shape}")
-    if cpu_kernels.compiled() and original.size and palette.shape[0] <= 256:
+    if indices.size and int(indices.max()) >= len(palette):
+        raise ValueError(f"indices reach {int(indices.max())}, beyond the palette's {len(palette)} entries")
+    if cpu_kernels.compiled() and original.size and indices.dtype == np.uint8:
         err, similarity = _compiled_quality(original, None, palette, indices)
         return _psnr_of(err, original.size), similarity
     rebuilt = np.take(palette, indices, axis=0)
