@@ -143,3 +143,11 @@ def test_grouped_convolution_blur_equals_shifted_sums():
         taps = _gaussian_taps(size, 1.5 * size / 11)
         ref = torch.stack([_blur(m, taps) for m in maps])
         torch.testing.assert_close(_blur_stack(maps, taps), ref, rtol=1e-13, atol=1e-9)
+
+
+def test_quality_indexed_refuses_indices_beyond_the_palette():
+    a = np.zeros((4, 5, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="indices reach 3, beyond the palette's 2 entries"):
+        quality_indexed(a, np.zeros((2, 3), dtype=np.uint8), np.full((4, 5), 3, dtype=np.uint8))
+    with pytest.raises(ValueError, match="shapes differ"):
+        quality_indexed(a, np.zeros((2, 3), dtype=np.uint8), np.zeros((5, 4), dtype=np.uint8))
