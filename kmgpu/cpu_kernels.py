@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -61,11 +62,38 @@ _THREAD_WORK = 2**18
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
 _pool_lock = threading.Lock()
+_ready_lock = threading.Lock()
+
+
+_ready = False  # every kernel loaded (or compiled) in this process
+_broken: str | None = None  # why numba could not compile the kernels here, once seen
 
 
 def compiled() -> bool:
-    """Whether the compiled kernels run here: numba is present and ``KMGPU_NUMBA`` is not 0."""
-    return _search is not None and os.environ.get("KMGPU_NUMBA", "1") != "0"
+    """Whether the compiled kernels run here: numba is present, ``KMGPU_NUMBA`` is not 0, and they build.
+
+    The first call loads every kernel (see :func:`warm_up`); if numba cannot
+    compile them on this machine, a warning says so once and the torch and
+    NumPy paths run from then on.
+    """
+    global _ready, _broken
+    if _search is None or _broken is not None or os.environ.get("KMGPU_NUMBA", "1") == "0":
+        return False
+    if not _ready:
+        with _ready_lock:
+            if not _ready and _broken is None:
+                try:
+                    _ready = True  # warm_up runs the kernels, which do not ask again
+                    warm_up()
+                except Exception as err:  # numba's errors have no common base worth naming
+                    _ready, _broken = False, f"{type(err).__name__}: {err}"
+                    warnings.warn(
+                        f"numba could not compile kmgpu's CPU kernels ({_broken}); using the torch path",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    return False
+    return True
 
 
 def usable(x: torch.Tensor) -> bool:

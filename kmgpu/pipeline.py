@@ -505,7 +505,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     # On the CPU with worker processes, the workers fit and encode too (see quantize_in_worker).
     in_workers = device.type == "cpu" and workers > 0
     if in_workers:
-        cpu_kernels.warm_up()  # once here, not once per worker
+        cpu_kernels.compiled()  # loads the compiled kernels once here, not once per worker
     dataset = DecodeDataset(
         sources,
         done,

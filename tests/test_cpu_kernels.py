@@ -122,3 +122,18 @@ def test_compiled_and_generic_fits_agree_in_quality(monkeypatch):
     monkeypatch.setenv("KMGPU_NUMBA", "0")
     generic = kmeans(pixels, 32, seed=0, max_iter=10, device="cpu")
     assert float(compiled.inertia) == pytest.approx(float(generic.inertia), rel=2e-3)
+
+
+def test_a_numba_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
+    def broken():
+        raise RuntimeError("LLVM ERROR: no target")
+
+    monkeypatch.setattr(cpu_kernels, "_ready", False)
+    monkeypatch.setattr(cpu_kernels, "_broken", None)
+    monkeypatch.setattr(cpu_kernels, "warm_up", broken)
+    with pytest.warns(RuntimeWarning, match="numba could not compile kmgpu's CPU kernels .*LLVM ERROR"):
+        assert not cpu_kernels.compiled()
+    assert not cpu_kernels.usable(torch.zeros(1, 1, 3))  # once: no second warning, no second try
+    pixels = torch.from_numpy(sample_pixels("coffee.png", step=4).copy()).float()
+    fit = kmeans(pixels, 8, seed=0, max_iter=5, device="cpu")  # the torch path
+    assert torch.isfinite(fit.centers).all() and int(fit.labels.max()) < 8
