@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmgpu import cpu_kernels
 from kmgpu.kmeans import kmeans
@@ -137,3 +139,28 @@ def test_a_numba_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
     pixels = torch.from_numpy(sample_pixels("coffee.png", step=4).copy()).float()
     fit = kmeans(pixels, 8, seed=0, max_iter=5, device="cpu")  # the torch path
     assert torch.isfinite(fit.centers).all() and int(fit.labels.max()) < 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d=st.integers(1, 4),
+    k=st.integers(1, 40),
+    n=st.integers(1, 300),
+    moves=st.lists(st.floats(0.0, 60.0), min_size=1, max_size=6),
+    seed=st.integers(0, 2**31),
+)
+def test_bounded_search_matches_brute_force_however_centers_move(d, k, n, moves, seed):
+    """Points on integers, centers moved by random steps of any size: labels and distances as brute force."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 64, (2, n, d), generator=g).float()
+    c = torch.randint(0, 64, (2, k, d), generator=g).float()
+    kb = torch.tensor([k, max(1, k // 2)])
+    bounds, labels = cpu_kernels.Bounds(x), None
+    for step in moves:
+        c = (c + (torch.rand(c.shape, generator=g) - 0.5) * step).contiguous()
+        labels, dist, _, _ = cpu_kernels.nearest(x, torch.ones(2, n), c, kb, bounds=bounds, previous=labels, sums=True)
+        best, _ = brute(x, c, kb)
+        d_mine = ((x - c.gather(1, labels.unsqueeze(-1).expand(-1, -1, d))) ** 2).sum(-1).double()
+        torch.testing.assert_close(d_mine, best, rtol=1e-5, atol=1e-4)  # the label is a nearest center
+        torch.testing.assert_close(dist.double(), best, rtol=1e-5, atol=1e-4)
+        assert bool((labels < kb.view(-1, 1)).all())
