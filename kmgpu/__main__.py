@@ -1,3 +1,3 @@
-from .cli import app
+from .cli import console
 
-app(prog_name="kmgpu")
+console()

@@ -1,5 +1,9 @@
 import csv
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +216,24 @@ def test_sweep_of_a_broken_file(tmp_path):
     result = runner.invoke(app, ["sweep", str(src), "--out-dir", str(tmp_path / "o")])
     assert result.exit_code == 1 and "not an image" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_console_command_exits_with_the_app_code_and_flushed_output(tmp_path):
+    """``kmgpu`` (``cli.console``) ends with os._exit: the output must be complete and the codes the app's."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def kmgpu(*args):
+        return subprocess.run([sys.executable, "-m", "kmgpu", *args], env=env, capture_output=True, text=True)
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(SAMPLES / "rocket.jpg", src / "a.jpg")
+    (src / "b.jpg").write_bytes(b"not an image")
+    done = kmgpu("run", str(src), "--out", str(tmp_path / "out"), "--k", "16", "--device", "cpu", "--no-progress")
+    assert done.returncode == 1  # one image failed
+    assert "1 done, 1 failed" in done.stdout and done.stdout.rstrip().endswith("(manifest.jsonl, summary.json)")
+    assert (tmp_path / "out" / "a.png").exists() and (tmp_path / "out" / "summary.json").exists()
+    wrong = kmgpu("compress", str(src / "a.jpg"), "--k", "300")
+    assert wrong.returncode == 2 and "k=300 is out of range" in wrong.stderr
+    version = kmgpu("--version")
+    assert version.returncode == 0 and version.stdout.startswith(f"kmgpu {__version__}")
