@@ -12,7 +12,8 @@ from kmgpu.kmeans import kmeans
 from .conftest import sample_pixels
 
 pytestmark = pytest.mark.skipif(
-    not cpu_kernels.usable(torch.zeros(1, 1, 3)), reason="numba is not installed: the compiled CPU search does not run"
+    not cpu_kernels.usable(torch.zeros(1, 1, 3)),
+    reason="the compiled CPU kernels are off here (no numba, or KMGPU_NUMBA=0)",
 )
 
 

@@ -29,7 +29,7 @@ def cpu_path(request, monkeypatch):
     if request.param == "generic":
         monkeypatch.setenv("KMGPU_NUMBA", "0")
     elif not cpu_kernels.compiled():
-        pytest.skip("numba is not installed: the compiled measures do not run here")
+        pytest.skip("the compiled CPU kernels are off here (no numba, or KMGPU_NUMBA=0)")
     return request.param
 
 
