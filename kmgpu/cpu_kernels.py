@@ -400,13 +400,14 @@ else:  # pragma: no cover
 class Bounds:
     """What the search keeps between the Lloyd passes of one set of points (B, N, d)."""
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, *, kept: bool = True):
+        """``kept=False``: for one search only, whose bounds nothing reads again (no margin to measure)."""
         B, N, _ = x.shape
         self.known = torch.full((B, N), -1, dtype=torch.int64)
         self.lower = torch.zeros(B, N, dtype=torch.float32)
         self.centers: torch.Tensor | None = None  # the centers ``lower`` refers to
         # A float32 distance between points of magnitude r is off by a few ulps of r at most.
-        self.margin = (x.abs().amax((1, 2)) * 1e-5).contiguous() if N else torch.zeros(B)
+        self.margin = (x.abs().amax((1, 2)) * 1e-5).contiguous() if N and kept else torch.zeros(B)
 
     def subset(self, idx: torch.Tensor) -> Bounds:
         new = Bounds.__new__(Bounds)
@@ -480,11 +481,7 @@ def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous
     labels = previous.to(torch.int64, copy=True).contiguous() if guessed else torch.zeros(B, N, dtype=torch.int64)
     dist = torch.empty(B, N, dtype=torch.float32)
     if bounds is None:  # a single search: only the guess and the centers' spacing can spare one
-        bounds = Bounds.__new__(Bounds)
-        bounds.known = torch.full((B, N), -1, dtype=torch.int64)
-        bounds.lower = torch.empty(B, N, dtype=torch.float32)
-        bounds.margin = torch.zeros(B, dtype=torch.float32)
-        bounds.centers = None
+        bounds = Bounds(x, kept=False)
     prev = bounds.centers if bounds.centers is not None and bounds.centers.shape == c.shape else None
     if prev is None:
         bounds.known.fill_(-1)  # the bounds refer to other centers (or to none)

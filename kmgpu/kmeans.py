@@ -675,9 +675,9 @@ def _kmeans_plusplus_host(x, w, k: torch.Tensor, k_max: int, streams: _Streams, 
     compiled = cpu_kernels.usable(x)
     for b in range(B):
         g, wb, u = grid[b], w[b].double(), uniforms[b]
+        by_weight = wb.cumsum(0).numpy()
         if compiled:  # the same draws, 3-4x faster: one compiled loop instead of a dozen calls a step
             chosen = np.zeros(k_max, dtype=np.int64)
-            by_weight = wb.cumsum(0).numpy()
             g_t = g.T.contiguous().numpy()  # by channel: the loops over points vectorise
             cpu_kernels._kmeans_plusplus(g_t, wb.numpy(), by_weight, u, int(k[b]), n_trials, chosen)
             centers[b, : int(k[b])] = x[b].numpy()[chosen[: int(k[b])]]
@@ -688,7 +688,6 @@ def _kmeans_plusplus_host(x, w, k: torch.Tensor, k_max: int, streams: _Streams, 
         rows = torch.cat([g, g_sq, ones], dim=1).numpy()
         cols = torch.cat([-2.0 * g, ones, g_sq], dim=1).T.contiguous()
         points, weights, w_col = x[b].numpy(), wb.numpy(), wb.unsqueeze(1)
-        by_weight = wb.cumsum(0).numpy()
 
         first = _draw_host(weights, u[:1], by_weight)
         centers[b, 0] = points[first[0]]

@@ -22,6 +22,7 @@ from . import cpu_kernels
 __all__ = ["psnr", "ssim", "quality_of", "quality_indexed", "luma", "bits_per_pixel", "lossless_png_bytes"]
 
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+_C1, _C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2  # SSIM's stabilisers for data on 0-255
 
 
 # Both measures run over horizontal strips of about this many values per plane, so that memory
@@ -36,6 +37,12 @@ def _strips(height: int, width: int, device_type: str, *, minimum: int = 16) -> 
     return range(0, height, max(minimum, _STRIP_VALUES.get(device_type, 2**22) // max(1, width)))
 
 
+def _psnr_of(total_sq_err: int, values: int) -> float:
+    """PSNR in dB from the summed squared error of ``values`` channel values on 0-255."""
+    mse = total_sq_err / values
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
 def psnr(original: np.ndarray, quantized: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB over all channel values on 0-255; ``inf`` when identical."""
     if original.shape != quantized.shape:
@@ -45,8 +52,7 @@ def psnr(original: np.ndarray, quantized: np.ndarray) -> float:
     for r in strips:
         diff = original[r : r + strips.step].astype(np.int32) - quantized[r : r + strips.step]
         total += int(np.square(diff, out=diff).sum(dtype=np.int64))
-    mse = total / original.size
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+    return _psnr_of(total, original.size)
 
 
 def luma(pixels: np.ndarray) -> np.ndarray:
@@ -96,14 +102,13 @@ def _blur_stack(maps: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 def _ssim_sum(x: torch.Tensor, y: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """Sum of the SSIM map of two float64 luma planes over the positions where the window fits."""
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     # SSIM needs the two variances only as their sum: four blurred maps, not five (0.8x the time).
     if x.device.type == "cpu":
         mx, my, sq, xy = (_blur(t, taps) for t in (x, y, x * x + y * y, x * y))
     else:
         mx, my, sq, xy = _blur_stack(torch.stack([x, y, x * x + y * y, x * y]), taps)
     m_sq, m_xy = mx * mx + my * my, mx * my
-    s = ((2 * m_xy + c1) * (2 * (xy - m_xy) + c2)) / ((m_sq + c1) * (sq - m_sq + c2))
+    s = ((2 * m_xy + _C1) * (2 * (xy - m_xy) + _C2)) / ((m_sq + _C1) * (sq - m_sq + _C2))
     return s.sum()
 
 
@@ -113,8 +118,8 @@ def _mean_ssim(luma_rows, height: int, width: int, device: torch.device) -> torc
     Computed strip by strip (each strip with the ``size - 1`` rows below it
     that its windows reach), as a 0-dim float64 tensor on ``device``.
     """
-    size = min(11, height - (1 - height % 2), width - (1 - width % 2))  # largest odd window that fits, 11 at most
-    taps = _gaussian_taps(size, 1.5 * size / 11)
+    taps = _window(height, width)
+    size = taps.numel()
     rows, cols = height - size + 1, width - size + 1  # window positions
     total = torch.zeros((), dtype=torch.float64, device=device)
     strips = _strips(rows, width, device.type)
@@ -124,35 +129,27 @@ def _mean_ssim(luma_rows, height: int, width: int, device: torch.device) -> torc
     return total / (rows * cols)
 
 
-def _window(height: int, width: int) -> tuple[np.ndarray, int]:
-    """The Gaussian taps of the SSIM window for an image of this size, and the number of window positions."""
-    size = min(11, height - (1 - height % 2), width - (1 - width % 2))  # largest odd window that fits, 11 at most
-    return _gaussian_taps(size, 1.5 * size / 11).numpy(), (height - size + 1) * (width - size + 1)
+def _window(height: int, width: int) -> torch.Tensor:
+    """The Gaussian taps (float64) of the SSIM window for an image of this size: 11, or the largest odd size that
+    fits, with sigma scaled alike."""
+    size = min(11, height - (1 - height % 2), width - (1 - width % 2))
+    return _gaussian_taps(size, 1.5 * size / 11)
 
 
 def _compiled_quality(original: np.ndarray, other: np.ndarray | None, palette=None, indices=None):
-    """(summed squared error, mean SSIM) by the compiled one-pass kernel (``cpu_kernels._quality``)."""
-    taps, positions = _window(original.shape[0], original.shape[1])
+    """(summed squared error, mean SSIM) by the compiled one-pass kernel (``cpu_kernels._quality``), of
+    ``original`` against ``other`` or, if that is None, against ``palette[indices]``."""
     a = np.ascontiguousarray(original)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    if other is not None:
-        dummy = np.zeros((1, a.shape[2]), dtype=np.uint8)
-        err, total = cpu_kernels._quality(
-            a, np.ascontiguousarray(other), dummy, np.zeros(1), np.zeros((1, 1), dtype=np.uint8), False,
-            _LUMA_WEIGHTS, taps, c1, c2,
-        )  # fmt: skip
-    else:
+    if other is None:
         palette = np.ascontiguousarray(palette)
-        lut = luma(palette[None])[0]
-        err, total = cpu_kernels._quality(
-            a, a, palette, lut, np.ascontiguousarray(indices, dtype=np.uint8), True, _LUMA_WEIGHTS, taps, c1, c2
-        )
+        b, lut, idx = a, luma(palette[None])[0], np.ascontiguousarray(indices, dtype=np.uint8)
+    else:  # the palette arguments go unread
+        b, palette, lut = np.ascontiguousarray(other), np.zeros((1, a.shape[2]), np.uint8), np.zeros(1)
+        idx = np.zeros((1, 1), dtype=np.uint8)
+    taps = _window(a.shape[0], a.shape[1])
+    positions = (a.shape[0] - taps.numel() + 1) * (a.shape[1] - taps.numel() + 1)
+    err, total = cpu_kernels._quality(a, b, palette, lut, idx, other is None, _LUMA_WEIGHTS, taps.numpy(), _C1, _C2)
     return int(err), total / positions
-
-
-def _psnr_of(total_sq_err: int, values: int) -> float:
-    mse = total_sq_err / values
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def quality_indexed(original: np.ndarray, palette: np.ndarray, indices: np.ndarray) -> tuple[float, float]:
