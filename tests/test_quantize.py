@@ -3,6 +3,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from sklearn.cluster import KMeans as SKKMeans
 
@@ -62,6 +64,58 @@ def test_grayscale_clusters_in_one_dimension():
     palette, indices, _ = quantize_pixels(pixels, 8, device="cpu")
     assert palette.shape == (8, 1)
     assert psnr(pixels, palette[indices]) > 30
+
+
+def best_uint8_palette_error(levels: np.ndarray, counts: np.ndarray, k: int, top: int) -> int:
+    """The least squared error of any k-level uint8 palette within 0..top, by trying every one."""
+    from itertools import combinations
+
+    err = (levels[:, None].astype(np.int64) - np.arange(top + 1)[None]) ** 2 * counts[:, None]  # (levels, value)
+    return min(int(err[:, list(c)].min(1).sum()) for c in combinations(range(top + 1), k))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 11), min_size=4, max_size=60),
+    st.integers(2, 4),
+)
+def test_gray_levels_get_the_best_uint8_palette(values, k):
+    """Single-channel images are solved exactly: no uint8 palette of k levels has less error."""
+    pixels = np.array(values, np.uint8).reshape(-1, 1)
+    levels, counts = np.unique(pixels, return_counts=True)
+    palette, indices, _ = quantize_pixels(pixels.reshape(-1, 1, 1), k, device="cpu")
+    errors = (palette[indices.ravel()].astype(np.int64) - pixels)[:, 0] ** 2
+    assert np.array_equal(sq_dists(pixels, palette).min(1), errors)  # each pixel on its nearest level
+    got = int(errors.sum())
+    if len(levels) > k:
+        assert len(palette) == k
+        assert got == best_uint8_palette_error(levels, counts, k, 11)
+    else:
+        assert got == 0
+
+
+@pytest.mark.parametrize("k", [4, 16, 64])
+def test_gray_photo_beats_a_full_kmeans_fit(k):
+    pixels = sample_pixels("camera.png", step=2).reshape(-1, 1)
+    palette, indices, _ = quantize_pixels(pixels.reshape(-1, 1, 1), k, device="cpu")
+    assert np.array_equal(sq_dists(pixels, palette).argmin(1), indices.ravel())  # each pixel on its nearest level
+    assert psnr(pixels, palette[indices.ravel()]) >= full_fit_psnr(pixels, k) - 1e-9
+
+
+def test_gray_images_batched_equal_alone():
+    camera = torch.from_numpy(sample_pixels("camera.png", step=2).reshape(-1, 1))
+    dark = camera[::7] // 3  # fewer levels: padded in the batch
+    few = torch.tensor([[0], [9], [200]], dtype=torch.uint8).repeat(50, 1)  # 3 levels: kept exactly
+    images = [camera, dark, few]
+    assert 12 < len(dark.unique()) < len(camera.unique())
+    batch = fit_palettes(images, [12, 12, 12], device="cpu")
+    for image, got in zip(images, batch):
+        alone = fit_palette(image, 12, device="cpu")
+        assert torch.equal(got.colors, alone.colors) and torch.equal(got.indices, alone.indices)
+    assert batch[1].colors.shape == (12, 1) and batch[2].colors.shape == (3, 1)
+    mixed = fit_palettes([camera, dark], [5, 40], device="cpu")  # one batch, two k: each fitted at its own
+    assert [len(p.colors) for p in mixed] == [5, 40]
+    assert torch.equal(mixed[1].colors, fit_palette(dark, 40, device="cpu").colors)
 
 
 @pytest.mark.parametrize("k", [1, 257])
