@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .png import encode_palette_png
+from .png import encode_palette_png, smooth_order
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -239,16 +239,36 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> int:
     return len(data)
 
 
+def png_palette(palette: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """A palette (k, C), C = 1 to 4 channels, as a PNG stores it: RGB (k, 3), and alpha (k,) or None."""
+    c = palette.shape[1]
+    rgb = np.repeat(palette[:, :1], 3, axis=1) if c in (1, 2) else palette[:, :3]
+    return rgb, (palette[:, -1] if c in (2, 4) else None)
+
+
+def in_png_order(palette: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The palette (k, C) in the order the PNG writer stores it (:func:`kmgpu.png.smooth_order`), indices to match.
+
+    A palette already in that order goes into the file as it is, so the
+    file is never larger than Pillow's save of the same palette and indices.
+    """
+    rgb, alpha = png_palette(palette)
+    order = smooth_order(rgb if alpha is None else np.hstack([rgb, alpha[:, None]]))
+    if np.array_equal(order, np.arange(len(order))):
+        return palette, indices
+    rank = np.empty(len(order), np.uint8)
+    rank[order] = np.arange(len(order), dtype=np.uint8)
+    return palette[order], rank[indices]
+
+
 def palette_png_bytes(
     indices: np.ndarray, palette: np.ndarray, *, icc_profile: bytes | None = None, level: int = 6
 ) -> bytes:
     """Encode an index map (H, W) and a palette (k, C), C = 1 to 4 channels, as palette PNG bytes."""
-    k, c = palette.shape
+    k = palette.shape[0]
     if not 1 <= k <= 256:
         raise ValueError(f"a palette PNG holds 1 to 256 colors, got {k}")
-    gray = c in (1, 2)
-    rgb = np.repeat(palette[:, :1], 3, axis=1) if gray else palette[:, :3]
-    alpha = palette[:, -1] if c in (2, 4) else None
+    rgb, alpha = png_palette(palette)
     return encode_palette_png(indices, rgb, alpha=alpha, icc_profile=icc_profile, level=level)
 
 

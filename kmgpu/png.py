@@ -93,11 +93,24 @@ def _pack_rows(indices: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
-def _filtered(rows: np.ndarray, adaptive: bool, above: np.ndarray | None = None) -> np.ndarray:
+# The filter types each row may take, in the order that wins a tie of costs. At 8 bits per pixel all
+# five, libpng's choice. Packed (1 to 4 bits), Pillow's: no Average, which predicts a byte of two to
+# eight pixels from the mean of its neighbours' bytes, a number unrelated to any of those pixels
+# (on 12 photos and 7 gray images at k=16 the files were 0.9% smaller without it), and ties go to
+# Up before Sub, so that a row filtered so is, byte for byte, Pillow's.
+_ALL_FILTERS = (0, 1, 2, 3, 4)
+_PACKED_FILTERS = (0, 2, 1, 4)
+
+
+def _filtered(
+    rows: np.ndarray, adaptive: bool, above: np.ndarray | None = None, filters: tuple[int, ...] = _ALL_FILTERS
+) -> np.ndarray:
     """PNG scanlines: a filter-type byte, then the filtered bytes of each row (1 byte per pixel step).
 
     ``above`` (1, W) is the row before ``rows`` in the image, which the
     first row's filters predict from (none: the image's first row).
+    ``filters``: the filter types a row may take (adaptive only), the
+    first of the cheapest winning.
     """
     h, _ = rows.shape
     if not adaptive:
@@ -117,18 +130,20 @@ def _filtered(rows: np.ndarray, adaptive: bool, above: np.ndarray | None = None)
     from_b = left.astype(np.int16) - up_left
     pa, pb, pc = np.abs(from_a), np.abs(from_b), np.abs(from_a + from_b)
     paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
-    candidates = np.empty((5,) + x.shape, np.uint8)
-    candidates[0] = x
-    np.subtract(x, left, out=candidates[1])
-    np.subtract(x, up, out=candidates[2])
-    np.subtract(x, (left >> 1) + (up >> 1) + (left & up & 1), out=candidates[3])  # floor((a + b) / 2) in 8 bits
-    np.subtract(x, paeth, out=candidates[4])
+    candidates = np.empty((len(filters),) + x.shape, np.uint8)
+    for out, kind in zip(candidates, filters):
+        if kind == 0:
+            out[...] = x
+        elif kind == 3:
+            np.subtract(x, (left >> 1) + (up >> 1) + (left & up & 1), out=out)  # floor((a + b) / 2) in 8 bits
+        else:
+            np.subtract(x, (left, up, None, paeth)[kind - 1], out=out)
     # libpng's heuristic: bytes as signed values, the smallest sum of magnitudes wins. (|-128|
     # wraps to -128 in int8, which is 128 read back as uint8.)
     cost = np.abs(candidates.view(np.int8)).view(np.uint8).sum(-1, dtype=np.uint32)
     kind = cost.argmin(0)
     chosen = np.take_along_axis(candidates, kind[None, :, None], axis=0)[0]
-    return np.hstack([kind.astype(np.uint8)[:, None], chosen])
+    return np.hstack([np.array(filters, np.uint8)[kind][:, None], chosen])
 
 
 # Scanlines are filtered and deflated this many bytes of rows at a time: memory stays bounded
@@ -136,11 +151,11 @@ def _filtered(rows: np.ndarray, adaptive: bool, above: np.ndarray | None = None)
 _BLOCK_BYTES = 2**20
 
 
-def _scanlines(rows: np.ndarray, adaptive: bool) -> Iterator[bytes]:
+def _scanlines(rows: np.ndarray, adaptive: bool, filters: tuple[int, ...] = _ALL_FILTERS) -> Iterator[bytes]:
     """The filtered scanlines of ``rows`` (H, W) uint8, block by block (see ``_BLOCK_BYTES``)."""
     step = max(1, _BLOCK_BYTES // max(1, rows.shape[1]))
     for r in range(0, rows.shape[0], step):
-        yield _filtered(rows[r : r + step], adaptive, rows[r - 1 : r] if r else None).tobytes()
+        yield _filtered(rows[r : r + step], adaptive, rows[r - 1 : r] if r else None, filters).tobytes()
 
 
 def _deflate(scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
@@ -193,8 +208,8 @@ def encode_palette_png(
     indices = np.ascontiguousarray(indices, dtype=np.uint8)
     given = (palette, alpha, _pack_rows(indices, bits))
     smooth = given
-    if reorder:
-        order = smooth_order(palette if alpha is None else np.hstack([palette, alpha[:, None]]))
+    order = smooth_order(palette if alpha is None else np.hstack([palette, alpha[:, None]])) if reorder else None
+    if order is not None and not np.array_equal(order, np.arange(k)):
         rank = np.empty(k, dtype=np.uint8)
         rank[order] = np.arange(k, dtype=np.uint8)
         smooth = (palette[order], None if alpha is None else alpha[order], _pack_rows(rank[indices], bits))
@@ -216,19 +231,35 @@ def encode_palette_png(
 
     if level == 0:
         return file(smooth, _scanlines(smooth[2], False), 0, zlib.Z_DEFAULT_STRATEGY)
-    # Two candidates, the smaller wins:
+    # Candidates, the smallest wins:
     # - no filter at ``level``. At 8 bits per pixel the palette stays in the
     #   order given: at level 6 that is, byte for byte, what Pillow writes for
     #   these pixels, so the file is never larger than Pillow's. Packed (1 to
     #   4 bits) it takes the smooth order, which packs better;
-    # - libpng's adaptive filters with zlib's Z_FILTERED strategy at up to
-    #   level 5, on the smooth order, which gives the filters neighbouring
-    #   colors to predict from. This stream is the slower one to deflate: level
-    #   6 took 1.4x the time of 5 for files 0.07% smaller (scripts/bench_png.py),
-    #   level 9 6x for about 1%.
+    # - adaptive filters with zlib's Z_FILTERED strategy, on the smooth order,
+    #   which gives the filters neighbouring colors to predict from. At 8 bits
+    #   libpng's filters at up to level 5: this stream is the slower one to
+    #   deflate, and level 6 took 1.4x the time of 5 for files 0.07% smaller
+    #   (scripts/bench_png.py), level 9 6x for about 1%. Packed, Pillow's
+    #   filters (see _PACKED_FILTERS) at ``level``: Pillow filters packed
+    #   rows so, at level 6, so where the smooth order is the order given
+    #   (gray palettes, sorted) this is Pillow's own stream;
+    # - packed, where the smooth order is not the one given: Pillow's stream
+    #   itself, the same filters on the order given, so that here too the
+    #   file is never larger than Pillow's. (It won none of 12 photos at k=4
+    #   and k=16, and costs one more deflate of 1 to 4 bits per pixel.)
     plain = given if bits == 8 else smooth
-    # zlib and most of numpy release the GIL: the two candidates run side by side.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        unfiltered = pool.submit(lambda: file(plain, _scanlines(plain[2], False), level, zlib.Z_DEFAULT_STRATEGY))
-        adaptive = pool.submit(lambda: file(smooth, _scanlines(smooth[2], True), min(level, 5), zlib.Z_FILTERED))
-        return min(unfiltered.result(), adaptive.result(), key=len)
+    jobs = [(plain, False, _ALL_FILTERS, level, zlib.Z_DEFAULT_STRATEGY)]
+    if bits == 8:
+        jobs.append((smooth, True, _ALL_FILTERS, min(level, 5), zlib.Z_FILTERED))
+    else:
+        jobs.append((smooth, True, _PACKED_FILTERS, level, zlib.Z_FILTERED))
+        if smooth is not given:
+            jobs.append((given, True, _PACKED_FILTERS, level, zlib.Z_FILTERED))
+
+    def candidate(layout, adaptive: bool, filters: tuple[int, ...], level: int, strategy: int) -> bytes:
+        return file(layout, _scanlines(layout[2], adaptive, filters), level, strategy)
+
+    # zlib and most of numpy release the GIL: the candidates run side by side.
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return min([f.result() for f in [pool.submit(candidate, *job) for job in jobs]], key=len)

@@ -42,6 +42,7 @@ from .imageio import (
     DEFAULT_MAX_PIXELS,
     LoadedImage,
     from_pil,
+    in_png_order,
     load_image,
     normalize_alpha,
     palette_png_bytes,
@@ -802,6 +803,7 @@ def quantize_batch(
                     if dither == "fs":
                         src.notes.append("dithering is not applied to images with transparency")
                     indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
+                colors, indices = in_png_order(colors, indices)
             seconds = share + time.perf_counter() - t1
             results[i] = QuantizedImage(colors, indices, src, int(k), dither, seconds, pal.n_iter, quality)
     return results  # type: ignore[return-value]

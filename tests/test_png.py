@@ -1,4 +1,5 @@
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -6,11 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from kmgpu import png
+from kmgpu import png, quantize
+from kmgpu.imageio import png_palette
 from kmgpu.png import bit_depth_for, encode_palette_png, smooth_order
 from kmgpu.quantize import quantize_pixels
 
-from .conftest import SAMPLES
+from .conftest import SAMPLES, sample_pixels
 from .images import png_info
 
 
@@ -88,6 +90,46 @@ def test_never_larger_than_pillows_plain_save_even_where_nothing_helps(seed):
     np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), palette[indices])
 
 
+def idat_of(data: bytes) -> bytes:
+    """The concatenated IDAT payload of a PNG file."""
+    out, pos = [], 8
+    while pos < len(data):
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            out.append(data[pos + 8 : pos + 8 + size])
+        pos += 12 + size
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("k", [2, 4, 16])
+def test_packed_rows_filtered_as_pillow_are_pillows_stream(k):
+    """Packed (1 to 4 bits), Pillow filters each row; our filters for packed rows give its very bytes."""
+    pixels = sample_pixels("camera.png", step=2).reshape(256, 256)
+    indices = (pixels.astype(np.uint16) * k // 256).astype(np.uint8)  # gray levels in k bands: runs and edges
+    palette = np.repeat((np.arange(k) * 255 // (k - 1)).astype(np.uint8)[:, None], 3, axis=1)
+    rows = png._pack_rows(indices, bit_depth_for(k))
+    ours = png._deflate(png._scanlines(rows, True, png._PACKED_FILTERS), 6, zlib.Z_FILTERED)
+    im = Image.frombytes("P", indices.shape[::-1], indices.tobytes())
+    im.putpalette(palette.reshape(-1).tolist())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    assert ours == idat_of(buf.getvalue())
+    assert png._filtered(rows, True, filters=png._PACKED_FILTERS)[:, 0].tolist().count(3) == 0  # no Average
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(2, 16), seed=st.integers(0, 2**32 - 1))
+def test_packed_files_are_never_larger_than_pillows_in_any_palette_order(k, seed):
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, (k, 3), dtype=np.uint8)  # any order: the smooth one is seldom it
+    yy, xx = np.mgrid[0:60, 0:90]
+    indices = ((xx + yy * rng.integers(0, 3)) // rng.integers(1, 12) + rng.integers(0, 2, (60, 90))) % k
+    indices = indices.astype(np.uint8)
+    ours = encode_palette_png(indices, palette)
+    assert len(ours) <= pillow_plain_save(indices, palette)
+    np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), palette[indices])
+
+
 @pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
 @pytest.mark.parametrize("k", [16, 64, 256])
 def test_never_larger_than_pillows_plain_save(name, k):
@@ -114,3 +156,19 @@ def test_rows_are_encoded_in_blocks_with_the_same_bytes(monkeypatch, k):
     assert encode_palette_png(indices, palette) == whole
     assert encode_palette_png(indices, palette, alpha=np.arange(len(palette), dtype=np.uint8)) != whole
     np.testing.assert_array_equal(np.asarray(decode(whole).convert("RGB")), palette[indices])
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
+@pytest.mark.parametrize("k", [4, 16, 64])
+def test_quantized_palettes_come_in_the_order_the_file_stores(name, k):
+    """kmgpu.quantize orders its palette as the writer would, so the file is the best of Pillow's stream too."""
+    result = quantize(SAMPLES / name, k, device="cpu")
+    rgb, alpha = png_palette(result.palette)
+    assert alpha is None and smooth_order(rgb).tolist() == list(range(len(rgb)))
+    data = result.png_bytes()  # with the source's ICC profile, which the plain save leaves out: compare the IDATs
+    im = Image.frombytes("P", result.indices.shape[::-1], result.indices.tobytes())
+    im.putpalette(rgb.reshape(-1).tolist())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    assert len(idat_of(data)) <= len(idat_of(buf.getvalue()))
+    np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[result.indices])
