@@ -93,11 +93,11 @@ def _pack_rows(indices: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
-# The filter types each row may take, in the order that wins a tie of costs. At 8 bits per pixel all
-# five, libpng's choice. Packed (1 to 4 bits), Pillow's: no Average, which predicts a byte of two to
-# eight pixels from the mean of its neighbours' bytes, a number unrelated to any of those pixels
-# (on 12 photos and 7 gray images at k=16 the files were 0.9% smaller without it), and ties go to
-# Up before Sub, so that a row filtered so is, byte for byte, Pillow's.
+# The filter types each row may take, in the order that wins a tie of costs. At 8 bits per pixel
+# all five, libpng's choice. Packed (1 to 4 bits), Pillow's: no Average, which predicts a byte of
+# two to eight pixels from the mean of its neighbours' bytes, a number unrelated to any of those
+# pixels, and ties go to Up before Sub, so that a row filtered so is, byte for byte, Pillow's. (On
+# 12 photos and 7 gray images at k=16 the packed files were 0.9% smaller so; BENCHMARKS.md.)
 _ALL_FILTERS = (0, 1, 2, 3, 4)
 _PACKED_FILTERS = (0, 2, 1, 4)
 
