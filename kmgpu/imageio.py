@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .png import encode_palette_png, smooth_order
+from .png import encode_palette_png, writer_order
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -247,17 +247,15 @@ def png_palette(palette: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def in_png_order(palette: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The palette (k, C) in the order the PNG writer stores it (:func:`kmgpu.png.smooth_order`), indices to match.
+    """The palette (k, C) in the order the PNG writer stores it (:func:`kmgpu.png.writer_order`), indices to match.
 
     A palette already in that order goes into the file as it is, so the
     file is never larger than Pillow's save of the same palette and indices.
     """
-    rgb, alpha = png_palette(palette)
-    order = smooth_order(rgb if alpha is None else np.hstack([rgb, alpha[:, None]]))
-    if np.array_equal(order, np.arange(len(order))):
+    permutation = writer_order(*png_palette(palette))
+    if permutation is None:
         return palette, indices
-    rank = np.empty(len(order), np.uint8)
-    rank[order] = np.arange(len(order), dtype=np.uint8)
+    order, rank = permutation
     return palette[order], rank[indices]
 
 

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["encode_palette_png", "bit_depth_for", "smooth_order", "palette_size_error"]
+__all__ = ["encode_palette_png", "bit_depth_for", "smooth_order", "writer_order", "palette_size_error"]
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -75,6 +75,22 @@ def smooth_order(palette: np.ndarray) -> np.ndarray:
         if i + 1 < k:
             current = int(np.argmin(np.add(dist[current], visited, out=row)))
     return order
+
+
+def writer_order(rgb: np.ndarray, alpha: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The order the writer stores a palette in (:func:`smooth_order` of its RGB(A)) and its inverse.
+
+    Returns ``(order, rank)``: ``rgb[order]`` is the stored palette and
+    ``rank[i]`` (uint8) the new index of entry ``i``; or None where the
+    palette is already in that order.
+    """
+    k = len(rgb)
+    order = smooth_order(rgb if alpha is None else np.hstack([rgb, alpha[:, None]]))
+    if np.array_equal(order, np.arange(k)):
+        return None
+    rank = np.empty(k, dtype=np.uint8)
+    rank[order] = np.arange(k, dtype=np.uint8)
+    return order, rank
 
 
 def _pack_rows(indices: np.ndarray, bits: int) -> np.ndarray:
@@ -208,10 +224,9 @@ def encode_palette_png(
     indices = np.ascontiguousarray(indices, dtype=np.uint8)
     given = (palette, alpha, _pack_rows(indices, bits))
     smooth = given
-    order = smooth_order(palette if alpha is None else np.hstack([palette, alpha[:, None]])) if reorder else None
-    if order is not None and not np.array_equal(order, np.arange(k)):
-        rank = np.empty(k, dtype=np.uint8)
-        rank[order] = np.arange(k, dtype=np.uint8)
+    permutation = writer_order(palette, alpha) if reorder else None
+    if permutation is not None:
+        order, rank = permutation
         smooth = (palette[order], None if alpha is None else alpha[order], _pack_rows(rank[indices], bits))
 
     head = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
