@@ -1,5 +1,5 @@
-"""CPU kernels compiled with numba: the nearest-center search (with Hamerly's bounds), k-means++, and
-PSNR with SSIM in one pass.
+"""CPU kernels compiled with numba: Lloyd's passes around a nearest-center search with Hamerly's
+bounds, k-means++, and PSNR with SSIM in one pass.
 
 The generic assignment step (``kmeans._Assigner``) forms the (B, N, k) matrix
 of ``||c||^2 - 2 x.c`` block by block with one batched product and takes its
@@ -40,13 +40,14 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-__all__ = ["usable", "Bounds", "nearest", "warm_up"]
+__all__ = ["usable", "Bounds", "nearest", "lloyd", "warm_up"]
 
 try:  # pragma: no cover - exercised where numba is missing
     import numba
@@ -124,8 +125,10 @@ if numba is not None:
         return np.float32(math.ldexp(np.float64((v & 0x7FFFFF) | 0x800000), exponent - 150))
 
     @_jit(fastmath=True)
-    def _search(x, ct, kb, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, guessed, start, stop):
-        """Points start..stop of the flattened (B, N): each one's nearest center.
+    def _search(
+        x, ct, kb, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, active, guessed, start, stop
+    ):
+        """Points start..stop of the flattened (B, N), of the problems ``active``: each one's nearest center.
 
         On entry ``labels`` holds each point's guess (if ``guessed``) and
         ``known[b, i]`` the center its ``lower`` bound was taken against
@@ -138,6 +141,8 @@ if numba is not None:
         bits = buf.view(np.int32)
         searched = 0
         for b in range(start // n_points, (stop + n_points - 1) // n_points):
+            if not active[b]:
+                continue
             xb, cb, k = x[b], ct[b], kb[b]
             labels_b, known_b, lower_b, nn_b = labels[b], known[b], lower[b], nn_sq[b]
             move_other, move_own, own, slack = d_max[b], d_second[b], d_arg[b], margin[b]
@@ -203,34 +208,39 @@ if numba is not None:
         return searched
 
     @_jit()
+    def _geometry_of(c, prev, k, nn_sq):
+        """One problem's: each center's squared distance to its nearest other center (into ``nn_sq``), and the
+        largest two moves of a center since ``prev``, with the largest's center."""
+        d = c.shape[1]
+        for j in range(k):
+            best = np.inf
+            for other in range(k):
+                if other != j:
+                    s = 0.0
+                    for q in range(d):
+                        t = np.float64(c[j, q]) - c[other, q]
+                        s += t * t
+                    best = min(best, s)
+            nn_sq[j] = best if k > 1 else _BIG
+        first, second, arg = 0.0, 0.0, -1
+        for j in range(k):
+            s = 0.0
+            for q in range(d):
+                t = np.float64(c[j, q]) - prev[j, q]
+                s += t * t
+            move = np.sqrt(s)
+            if move > first:
+                first, second, arg = move, first, j
+            elif move > second:
+                second = move
+        return first, second, arg
+
+    @_jit()
     def _geometry(c, prev, kb, nn_sq, d_max, d_arg, d_second):
-        """Per problem: each center's squared distance to its nearest other center, each center's move since
-        ``prev``, and the largest two moves (the largest's center in ``d_arg``)."""
-        n_problems, _, d = c.shape
-        for b in range(n_problems):
-            k = kb[b]
-            for j in range(k):
-                best = np.inf
-                for other in range(k):
-                    if other != j:
-                        s = 0.0
-                        for q in range(d):
-                            t = np.float64(c[b, j, q]) - c[b, other, q]
-                            s += t * t
-                        best = min(best, s)
-                nn_sq[b, j] = best if k > 1 else _BIG
-            first, second, arg = 0.0, 0.0, -1
-            for j in range(k):
-                s = 0.0
-                for q in range(d):
-                    t = np.float64(c[b, j, q]) - prev[b, j, q]
-                    s += t * t
-                move = np.sqrt(s)
-                if move > first:
-                    first, second, arg = move, first, j
-                elif move > second:
-                    second = move
-            d_max[b], d_second[b], d_arg[b] = first, second, arg
+        """Per problem, :func:`_geometry_of`: into ``nn_sq``, and the moves into ``d_max``, ``d_second``,
+        ``d_arg``."""
+        for b in range(c.shape[0]):
+            d_max[b], d_second[b], d_arg[b] = _geometry_of(c[b], prev[b], kb[b], nn_sq[b])
 
     @_jit()
     def _sums(x, w, labels, sum_x, sum_w):
@@ -243,6 +253,110 @@ if numba is not None:
                 sum_w[b, a] += wi
                 for c in range(d):
                     sum_x[b, a, c] += wi * x[b, i, c]
+
+    @_jit()
+    def _lloyd_prepare(c, prev, ct, kb, active, nn_sq, d_max, d_arg, d_second):
+        """Before the search of a Lloyd pass, for each problem ``active``: the geometry of its centers
+        (:func:`_geometry_of`), and the centers laid out (B, d, k), as the search reads them."""
+        n_problems, k_max, d = c.shape
+        for b in range(n_problems):
+            if active[b]:
+                d_max[b], d_second[b], d_arg[b] = _geometry_of(c[b], prev[b], kb[b], nn_sq[b])
+                for j in range(k_max):
+                    for q in range(d):
+                        ct[b, q, j] = c[b, j, q]
+
+    @_jit()
+    def _lloyd_update(
+        x, w, c, prev, kb, active, labels, dist, sum_x, sum_w, held, step, relax, check_rise, last_inertia, tol_abs,
+        converged, n_iter, inertia, shift,
+    ):  # fmt: skip
+        """After the search of a Lloyd pass, for each problem ``active``: what ``kmeans._lloyd`` does in torch.
+
+        The clusters' weighted sums; each empty cluster moved onto the worst-fitted point left
+        (``kmeans._repair_empty``); the inertia; the over-relaxed update, with plain steps from the
+        first pass whose inertia rose beyond the rounding of float32 distances; the center shift
+        and convergence. The centers of the search go to ``prev``, the new ones to ``c``; a
+        converged problem leaves ``active``. Returns the number of clusters repaired.
+        """
+        n_problems, n_points, d = x.shape
+        one = np.float32(1.0)
+        repaired = 0
+        for b in range(n_problems):
+            if not active[b]:
+                inertia[b] = np.nan
+                shift[b] = np.nan
+                continue
+            k = kb[b]
+            sx, sw = sum_x[b], sum_w[b]
+            sx[:] = 0.0
+            sw[:] = 0.0
+            for i in range(n_points):
+                a = labels[b, i]
+                wi = np.float64(w[b, i])
+                sw[a] += wi
+                for q in range(d):
+                    sx[a, q] += wi * x[b, i, q]
+            for j in range(k):
+                held[j] = sw[j] > 0
+            for j in range(k):  # empty clusters in slot order, each onto the worst-fitted point left
+                if held[j]:
+                    continue
+                worst, p = np.float32(0.0), -1
+                for i in range(n_points):
+                    if w[b, i] > 0 and dist[b, i] > worst:
+                        worst, p = dist[b, i], i
+                if p < 0:  # every point lies on a center: the cluster stays empty
+                    break
+                pw = np.float64(w[b, p])
+                old = labels[b, p]
+                for q in range(d):
+                    px = np.float64(x[b, p, q]) * pw
+                    sx[old, q] -= px
+                    sx[j, q] = px
+                sw[old] -= pw
+                sw[j] = pw
+                labels[b, p] = j
+                dist[b, p] = 0.0
+                repaired += 1
+            total = 0.0
+            for i in range(n_points):
+                total += np.float64(dist[b, i]) * np.float64(w[b, i])
+            if relax != 1.0 and check_rise and total > last_inertia[b] * (1 + 1e-5):
+                step[b] = one
+            moved = 0.0
+            for j in range(k):
+                for q in range(d):
+                    now = c[b, j, q]
+                    new = np.float32(sx[j, q] / sw[j]) if sw[j] > 0 else now
+                    if relax != 1.0:
+                        new = now + (step[b] if held[j] else one) * (new - now)
+                    t = np.float64(new - now)
+                    moved += t * t
+                    prev[b, j, q] = now
+                    c[b, j, q] = new
+            inertia[b] = total
+            shift[b] = moved
+            last_inertia[b] = total
+            n_iter[b] += 1
+            if moved <= tol_abs[b]:
+                converged[b] = True
+                active[b] = False
+        return repaired
+
+    @_jit()
+    def _lloyd_pass(
+        x, w, c, prev, ct, kb, active, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, guessed,
+        sum_x, sum_w, held, step, relax, check_rise, last_inertia, tol_abs, converged, n_iter, inertia, shift,
+    ):  # fmt: skip
+        """One Lloyd pass on one thread: :func:`_lloyd_prepare`, the search, :func:`_lloyd_update`."""
+        _lloyd_prepare(c, prev, ct, kb, active, nn_sq, d_max, d_arg, d_second)
+        total = x.shape[0] * x.shape[1]
+        _search(x, ct, kb, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, active, guessed, 0, total)
+        return _lloyd_update(
+            x, w, c, prev, kb, active, labels, dist, sum_x, sum_w, held, step, relax, check_rise, last_inertia,
+            tol_abs, converged, n_iter, inertia, shift,
+        )  # fmt: skip
 
     @_jit()
     def _draw(cum, target):
@@ -394,7 +508,8 @@ if numba is not None:
 
 else:  # pragma: no cover
     _luma_row = _quality = None
-    _search = _geometry = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
+    _search = _geometry = _geometry_of = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
+    _lloyd_prepare = _lloyd_update = _lloyd_pass = None
 
 
 class Bounds:
@@ -428,6 +543,9 @@ def warm_up() -> None:
     x[0, 1:, 0] = torch.arange(3.0)
     labels, *_ = nearest(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), bounds=Bounds(x), sums=True)
     nearest(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), bounds=None, previous=labels)
+    for split in (False, True):
+        lloyd(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), torch.zeros(1, dtype=torch.float64), 2,
+              bounds=Bounds(x), relax=1.5, split=split)  # fmt: skip
     g = x[0].T.contiguous().numpy()
     _kmeans_plusplus(g, np.ones(4), np.arange(1.0, 5.0), np.full(8, 0.5), 2, 2, np.zeros(2, dtype=np.int64))
     img, taps = np.zeros((3, 3, 3), dtype=np.uint8), np.ones(1)
@@ -448,6 +566,111 @@ def _get_pool() -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kmgpu-search")
             _pool_pid = os.getpid()
         return _pool
+
+
+def _search_all(args: list, active: np.ndarray, guessed: bool, total: int, k: int) -> None:
+    """``_search(*args, active, guessed, ...)`` over all ``total`` points, split among threads by its work."""
+    threads = _threads(total * (k + 32))
+    if threads == 1:
+        _search(*args, active, guessed, 0, total)
+        return
+    cuts = [total * t // threads for t in range(threads + 1)]
+    pool = _get_pool()
+    jobs = [pool.submit(_search, *args, active, guessed, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+    for job in jobs:
+        job.result()
+
+
+def lloyd(
+    x, w, centers, n_clusters, tol_abs, max_iter: int, *, bounds: Bounds, labels=None, relax: float = 1.0, split=None
+):
+    """Lloyd passes until each problem's center shift is at most its tolerance: ``kmeans._lloyd``, compiled.
+
+    Each pass is one call of the compiled kernels (on one thread; where the
+    search is large enough for several, the search is split among threads
+    between two calls), where the torch formulation ran some forty small
+    operations, about 1 ms a pass on the CPU whatever the problem's size.
+    Problems are independent: a problem's result does not depend on the
+    rest of its batch, nor on the number of threads.
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, N, d), float32, on the CPU
+    w : Tensor of shape (B, N), float32
+    centers : Tensor of shape (B, k_max, d), the initial centers
+    n_clusters : Tensor of shape (B,), int64
+    tol_abs : Tensor of shape (B,), float64
+    max_iter : int
+    bounds : Bounds
+        The search's bounds for these points, kept for the passes after (``kmeans`` assigns once more).
+    labels : Tensor of shape (B, N), optional
+        A guess of each point's nearest initial center.
+    relax : float
+        Over-relaxation of the update (see ``kmeans._lloyd``).
+    split : bool, optional
+        Run the search apart, among threads (by default where it is large enough for several).
+
+    Returns
+    -------
+    centers (B, k_max, d) float32, n_iter (B,) int64, converged (B,) bool, the passes as (iteration,
+    problems active, inertia (B,), shift (B,), clusters repaired, seconds), and from each problem's
+    last pass its labels (B, N) int64, inertia (B,) float64 and cluster weights (B, k_max) float64.
+    """
+    B, N, d = x.shape
+    k_max = centers.shape[1]
+    xs = x.to(torch.float32).contiguous().numpy()
+    ws = w.to(torch.float32).contiguous().numpy()
+    c = centers.to(torch.float32).contiguous().clone()
+    prev = bounds.centers if bounds.centers is not None and bounds.centers.shape == c.shape else None
+    if prev is None:
+        bounds.known.fill_(-1)  # the bounds refer to other centers (or to none)
+        prev = c
+    prev = prev.clone()
+    guessed = labels is not None
+    lab = labels.to(torch.int64, copy=True).contiguous() if guessed else torch.zeros(B, N, dtype=torch.int64)
+    sum_w = torch.zeros(B, k_max, dtype=torch.float64)
+    last_inertia = torch.zeros(B, dtype=torch.float64)
+    n_iter = torch.zeros(B, dtype=torch.int64)
+    converged = torch.zeros(B, dtype=torch.bool)
+    kb = n_clusters.to(torch.int64).contiguous().numpy()
+    active = np.ones(B, dtype=np.bool_)
+    ct = np.empty((B, d, k_max), dtype=np.float32)
+    dist = np.empty((B, N), dtype=np.float32)
+    nn_sq = np.empty((B, k_max), dtype=np.float32)
+    d_max, d_second = np.empty(B, dtype=np.float32), np.empty(B, dtype=np.float32)
+    d_arg = np.empty(B, dtype=np.int64)
+    sum_x = np.zeros((B, k_max, d), dtype=np.float64)
+    held = np.empty(k_max, dtype=np.bool_)
+    step = np.full(B, relax, dtype=np.float32)
+    tol = tol_abs.to(torch.float64).contiguous().numpy()
+    inertia, shift = np.empty(B), np.empty(B)
+    cn, pn, ln, sw, li = c.numpy(), prev.numpy(), lab.numpy(), sum_w.numpy(), last_inertia.numpy()
+    known, lower, margin = bounds.known.numpy(), bounds.lower.numpy(), bounds.margin.numpy()
+    search_args = [xs, ct, kb, ln, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin]
+    one_thread = _threads(B * N * (k_max + 32)) == 1 if split is None else not split
+    passes = []
+    for it in range(1, max_iter + 1):
+        t0 = time.perf_counter()
+        live = int(active.sum())
+        update = (
+            xs, ws, cn, pn, kb, active, ln, dist, sum_x, sw, held, step, float(relax), it > 1, li, tol,
+            converged.numpy(), n_iter.numpy(), inertia, shift,
+        )  # fmt: skip
+        if one_thread:
+            repaired = _lloyd_pass(
+                xs, ws, cn, pn, ct, kb, active, ln, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin,
+                guessed, *update[8:],
+            )  # fmt: skip
+        else:
+            _lloyd_prepare(cn, pn, ct, kb, active, nn_sq, d_max, d_arg, d_second)
+            _search_all(search_args, active, guessed, B * N, k_max)
+            repaired = _lloyd_update(*update)
+        passes.append((it, live, inertia.copy(), shift.copy(), int(repaired), time.perf_counter() - t0))
+        guessed = True
+        if not active.any():
+            break
+    bounds.centers = prev  # the centers of each problem's last search, which the bounds refer to
+    return c, n_iter, converged, passes, lab, last_inertia, sum_w
 
 
 def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous=None, sums: bool = False):
@@ -494,16 +717,7 @@ def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous
     _geometry(*arrays)
     state = (labels, bounds.known, dist, bounds.lower)
     args = [t.numpy() for t in (x, ct, kb, *state, nn_sq, d_max, d_arg, d_second, bounds.margin)]
-    total = B * N
-    threads = _threads(total * (k + 32))
-    if threads == 1:
-        _search(*args, guessed, 0, total)
-    else:
-        cuts = [total * t // threads for t in range(threads + 1)]
-        pool = _get_pool()
-        jobs = [pool.submit(_search, *args, guessed, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
-        for job in jobs:
-            job.result()
+    _search_all(args, np.ones(B, dtype=np.bool_), guessed, B * N, k)
     bounds.centers = c.clone()  # the caller may update its centers in place
     sum_x = sum_w = None
     if sums:

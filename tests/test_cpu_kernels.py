@@ -1,5 +1,7 @@
 """The compiled CPU search (kmgpu/cpu_kernels.py) against brute force, with and without its bounds."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,11 @@ from hypothesis import strategies as st
 
 from kmgpu import cpu_kernels
 from kmgpu.kmeans import kmeans
+from kmgpu.quantize import color_histogram
 
 from .conftest import sample_pixels
+
+km = importlib.import_module("kmgpu.kmeans")  # the module, not the function kmgpu exports
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.usable(torch.zeros(1, 1, 3)),
@@ -116,6 +121,72 @@ def test_threads_do_not_change_the_result(monkeypatch):
         (torch.arange(2).view(-1, 1).expand_as(idx), idx), x.double() * w.double().unsqueeze(-1), accumulate=True
     )
     torch.testing.assert_close(runs[0][2], sx)
+
+
+def _histograms(names, step):
+    """Distinct colors and counts of a few samples, padded to one batch (weight 0 pads)."""
+    parts = [color_histogram(torch.from_numpy(sample_pixels(n, step))) for n in names]
+    width = max(p.colors.shape[0] for p in parts)
+    x = torch.zeros(len(parts), width, 3)
+    w = torch.zeros(len(parts), width)
+    for b, p in enumerate(parts):
+        x[b, : p.colors.shape[0]] = p.colors.float()
+        w[b, : p.colors.shape[0]] = p.counts.float()
+    return x, w
+
+
+@pytest.mark.parametrize("relax", [1.0, 1.8])
+def test_compiled_passes_are_the_torch_loop(monkeypatch, relax):
+    """Lloyd's passes compiled (cpu_kernels.lloyd) do what kmeans._lloyd does in torch, pass for pass.
+
+    Three problems of different sizes and k in one padded batch, as the image path fits them;
+    some far-away initial centers start empty, so the repair of empty clusters runs too.
+    """
+    x, w = _histograms(["coffee.png", "astronaut.png", "rocket.jpg"], 4)
+    k = torch.tensor([16, 40, 64])
+    init = x[:, :: max(1, x.shape[1] // 64)][:, :64].clone()
+    init[:, 1:4] = torch.tensor([[900.0, 900.0, 900.0], [-900.0, 0.0, 0.0], [0.0, 950.0, -900.0]])
+    runs = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(km, "_compiled_passes", lambda asg, slot_ok: False)
+        runs.append(kmeans(x, k, w, init=init, max_iter=40, relax=relax, device="cpu"))
+    fast, slow = runs
+    assert all(h.empty_repaired > 0 for h in fast.history[:1]) and fast.n_iter.min() > 3
+    assert torch.equal(fast.centers, slow.centers) and torch.equal(fast.labels, slow.labels)
+    assert torch.equal(fast.n_iter, slow.n_iter) and torch.equal(fast.converged, slow.converged)
+    torch.testing.assert_close(fast.inertia, slow.inertia, rtol=1e-12, atol=0)
+    assert [(h.active, h.empty_repaired) for h in fast.history] == [(h.active, h.empty_repaired) for h in slow.history]
+    for a, b in zip(fast.history, slow.history):
+        torch.testing.assert_close(a.inertia, b.inertia, rtol=1e-12, atol=0, equal_nan=True)
+        torch.testing.assert_close(a.center_shift, b.center_shift, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_compiled_passes_do_not_depend_on_threads_or_batch():
+    x, w = _histograms(["coffee.png", "rocket.jpg"], 3)
+    k = torch.tensor([48, 20])
+    c = x[:, ::300][:, :48].contiguous()
+    tol = torch.tensor([30.0, 30.0], dtype=torch.float64)
+    runs = []
+    for split, threads in ((False, 1), (True, 2)):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append(cpu_kernels.lloyd(x, w, c, k, tol, 30, bounds=cpu_kernels.Bounds(x), relax=1.8, split=split))
+        finally:
+            torch.set_num_threads(old)
+    alone = cpu_kernels.lloyd(x[1:], w[1:], c[1:], k[1:], tol[1:], 30, bounds=cpu_kernels.Bounds(x[1:]), relax=1.8)
+    one, split = runs
+    for a, b in zip(one, split):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+    assert [p[:2] + p[4:5] for p in one[3]] == [p[:2] + p[4:5] for p in split[3]]
+    centers, n_iter, converged, _, labels, inertia, sum_w = one
+    assert torch.equal(alone[0][0], centers[1]) and torch.equal(alone[4][0], labels[1])
+    assert int(alone[1][0]) == int(n_iter[1]) and float(alone[5][0]) == float(inertia[1])
+    # Both converged, after different numbers of passes: one problem went on alone in its batch.
+    assert bool(converged.all()) and int(n_iter[0]) != int(n_iter[1])
+    assert torch.equal(sum_w.sum(1), w.double().sum(1))
 
 
 def test_compiled_and_generic_fits_agree_in_quality(monkeypatch):

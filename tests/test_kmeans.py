@@ -1,3 +1,4 @@
+import functools
 import importlib
 import warnings
 
@@ -375,6 +376,8 @@ def test_init_labels_guess_changes_nothing_but_the_work(coffee_small, monkeypatc
 
         monkeypatch.setattr(cpu_kernels, "_search", spy)
         monkeypatch.setattr(cpu_kernels, "_THREAD_WORK", 2**40)  # one thread: one count per pass
+        # Lloyd's passes call the search from compiled code; run it apart, where the spy sees it.
+        monkeypatch.setattr(cpu_kernels, "lloyd", functools.partial(cpu_kernels.lloyd, split=True))
     # The coarse fit's labels against its own final centers: a good guess; then a poor one (all 0).
     for guess in (coarse.labels, torch.zeros_like(coarse.labels)):
         guessed.clear()
