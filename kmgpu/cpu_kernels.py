@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["usable", "Bounds", "nearest", "lloyd", "warm_up"]
+__all__ = ["usable", "Bounds", "nearest", "lloyd", "distinct_colors", "warm_up"]
 
 try:  # pragma: no cover - exercised where numba is missing
     import numba
@@ -358,6 +358,76 @@ if numba is not None:
             tol_abs, converged, n_iter, inertia, shift,
         )  # fmt: skip
 
+    @_jit(inline="always")
+    def _color_key(pixels, i):
+        """The packed key of pixel ``i`` as ``quantize._pack(pixels, 8)`` makes it: channel 0 in the low byte."""
+        key = np.int64(0)
+        for ch in range(pixels.shape[1]):
+            key |= np.int64(pixels[i, ch]) << (8 * ch)
+        return key
+
+    @_jit()
+    def _sort_keys(keys, scratch):
+        """Sort ``keys`` (below 2**24) in place: two passes of a radix sort on 12 bits (12x numba's quicksort on
+        100k colors)."""
+        src, dst = keys, scratch
+        count = np.empty(4097, np.int64)
+        for shift in (0, 12):
+            count[:] = 0
+            for v in src:
+                count[((v >> shift) & 4095) + 1] += 1
+            for j in range(4096):
+                count[j + 1] += count[j]
+            for v in src:
+                digit = (v >> shift) & 4095
+                dst[count[digit]] = v
+                count[digit] += 1
+            src, dst = dst, src
+
+    @_jit()
+    def _distinct(pixels, sizes, table):
+        """Each image's distinct colors (up to 3 channels), sorted, with their counts and each pixel's row.
+
+        ``pixels`` (N, C) holds the images one after another, ``sizes`` (B,) their
+        pixels; ``table`` (2**24,) int32 is all zeros, and is so again on return.
+        A pixel's key counts in the table (the first sight of a key lists it), the
+        listed keys are sorted (by radix), and the table then holds each key's row for a
+        second pass that writes the pixels' rows. Returns the keys and counts of
+        every image's colors, image by image, each pixel's row among them, and
+        each image's number of colors.
+        """
+        n = pixels.shape[0]
+        inverse = np.empty(n, np.int64)
+        listed = np.empty(n, np.int32)
+        counts = np.empty(n, np.int64)
+        per_image = np.zeros(sizes.shape[0], np.int64)
+        start = 0
+        rows = 0
+        for b in range(sizes.shape[0]):
+            stop = start + sizes[b]
+            m = 0
+            for i in range(start, stop):
+                key = _color_key(pixels, i)
+                seen = table[key]
+                if seen == 0:
+                    listed[rows + m] = key
+                    m += 1
+                table[key] = seen + 1
+            mine = listed[rows : rows + m]
+            _sort_keys(mine, counts[rows : rows + m].view(np.int32)[:m])
+            for r in range(m):
+                key = mine[r]
+                counts[rows + r] = table[key]
+                table[key] = r
+            for i in range(start, stop):
+                inverse[i] = rows + table[_color_key(pixels, i)]
+            for r in range(m):
+                table[mine[r]] = 0
+            per_image[b] = m
+            rows += m
+            start = stop
+        return listed[:rows].copy(), counts[:rows].copy(), inverse, per_image
+
     @_jit()
     def _draw(cum, target):
         """The first index whose cumulative sum exceeds ``target`` (NumPy's searchsorted, side="right"), at most
@@ -509,7 +579,7 @@ if numba is not None:
 else:  # pragma: no cover
     _luma_row = _quality = None
     _search = _geometry = _geometry_of = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
-    _lloyd_prepare = _lloyd_update = _lloyd_pass = None
+    _lloyd_prepare = _lloyd_update = _lloyd_pass = _color_key = _distinct = _sort_keys = None
 
 
 class Bounds:
@@ -671,6 +741,43 @@ def lloyd(
             break
     bounds.centers = prev  # the centers of each problem's last search, which the bounds refer to
     return c, n_iter, converged, passes, lab, last_inertia, sum_w
+
+
+_tables = threading.local()
+
+
+def distinct_colors(pixels: torch.Tensor, sizes: list[int]):
+    """Each image's distinct colors, sorted by packed key, with their counts and each pixel's row.
+
+    What sorting the packed keys (``torch.unique``) gives, in two passes over
+    the pixels through a table of 2**24 counts: for a 12-megapixel photo about
+    0.15 s against 0.9 s for packing and sorting its keys. The table (64 MiB,
+    its pages taken as colors touch them) is kept for the next call, one per
+    thread.
+
+    Parameters
+    ----------
+    pixels : Tensor of shape (N, C), uint8, C of 1 to 3, on the CPU
+        The pixels of the images one after another.
+    sizes : list of int
+        Pixels of each image.
+
+    Returns
+    -------
+    keys (U,) int64, counts (U,) int64, inverse (N,) int64, colors per image (B,) int64
+    """
+    table = getattr(_tables, "table", None)
+    if table is None:
+        table = _tables.table = np.zeros(1 << 24, dtype=np.int32)  # NumPy asks for huge pages
+    _tables.table = None  # should the kernel fail half way, the next call starts from a clean table
+    keys, counts, inverse, per_image = _distinct(pixels.contiguous().numpy(), np.asarray(sizes, dtype=np.int64), table)
+    _tables.table = table
+    return (
+        torch.from_numpy(keys).to(torch.int64),
+        torch.from_numpy(counts),
+        torch.from_numpy(inverse),
+        torch.from_numpy(per_image),
+    )
 
 
 def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous=None, sums: bool = False):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import cpu_kernels
 from .device import resolve_device
 from .imageio import (
     DEFAULT_MAX_PIXELS,
@@ -528,6 +529,11 @@ def fit_palettes(
     with stage(clock, "colors"):
         if chunked:
             color_keys, colors_of, counts = _chunked_histograms(images, dev)
+        elif dev.type == "cpu" and next(iter(channels)) <= 3 and cpu_kernels.compiled():
+            # The same, from a table of counts instead of a sort (see cpu_kernels.distinct_colors).
+            pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images]) if n > 1 else images[0]
+            color_keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels.cpu(), sizes.tolist())
+            colors_of = _Ragged(torch.repeat_interleave(torch.arange(n), per_image), n)
         else:
             pixels = (
                 torch.cat([im.reshape(-1, im.shape[1]) for im in images])

@@ -236,3 +236,30 @@ def test_bounded_search_matches_brute_force_however_centers_move(d, k, n, moves,
         torch.testing.assert_close(d_mine, best, rtol=1e-5, atol=1e-4)  # the label is a nearest center
         torch.testing.assert_close(dist.double(), best, rtol=1e-5, atol=1e-4)
         assert bool((labels < kb.view(-1, 1)).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    channels=st.integers(1, 3),
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=4),
+    levels=st.sampled_from([2, 5, 256]),
+    seed=st.integers(0, 2**16),
+)
+def test_distinct_colors_is_a_sort_of_the_keys(channels, sizes, levels, seed):
+    """Each image's keys, counts and pixel rows as torch.unique gives them; the table is left clean."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.randint(0, levels, (sum(sizes), channels), generator=g) * (255 // max(1, levels - 1))).to(
+        torch.uint8
+    )
+    keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels, sizes)
+    assert per_image.tolist() == [len(torch.unique(p, dim=0)) for p in pixels.split(sizes)]
+    packed = sum(pixels[:, ch].long() << (8 * ch) for ch in range(channels))
+    start = row = 0
+    for size, m in zip(sizes, per_image.tolist()):
+        want, want_inverse, want_counts = torch.unique(
+            packed[start : start + size], return_inverse=True, return_counts=True
+        )
+        assert torch.equal(keys[row : row + m], want) and torch.equal(counts[row : row + m], want_counts)
+        assert torch.equal(inverse[start : start + size], want_inverse + row)
+        start, row = start + size, row + m
+    assert not cpu_kernels._tables.table.any()
