@@ -597,7 +597,7 @@ def fit_palettes(
         if chunked:
             indices = _chunked_labels(images, color_keys, colors_of, label_of_color, dev)
         else:
-            indices = label_of_color[inverse].to(torch.uint8).split(sizes.tolist())
+            indices = label_of_color.to(torch.uint8)[inverse].split(sizes.tolist())  # 6x: gather bytes, not int64
     return [Palette(palettes[b], indices[b], n_iters[b]) for b in range(n)]
 
 
