@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["usable", "Bounds", "nearest", "lloyd", "distinct_colors", "warm_up"]
+__all__ = ["usable", "Bounds", "nearest", "lloyd", "distinct_colors", "grid_bins", "warm_up"]
 
 try:  # pragma: no cover - exercised where numba is missing
     import numba
@@ -429,6 +429,60 @@ if numba is not None:
         return listed[:rows].copy(), counts[:rows].copy(), inverse, per_image
 
     @_jit()
+    def _grid_bins(colors, counts, per_image, bits, table):
+        """Each image's colors merged onto a grid of ``2**bits`` levels per channel, as ``quantize._coarse_bins``.
+
+        ``colors`` (U, C) and ``counts`` (U,) hold each image's distinct colors,
+        image by image, ``per_image`` (B,) how many. A bin's key takes the top
+        ``bits`` of each channel, channel 0 highest (``quantize._pack``); ``table``
+        (2**24,) int32 is zeros, and is so again on return. Returns, image by
+        image and by key, each bin's pixel count and the pixel-weighted sums of its
+        colors (float64; exact: integers below 2**53), the bin of each color, and
+        each image's number of bins.
+        """
+        n, d = colors.shape
+        shift = 8 - bits
+        listed = np.empty(n, np.int32)
+        scratch = np.empty(n, np.int32)
+        bin_of = np.empty(n, np.int64)
+        weight = np.zeros(n, np.float64)
+        sums = np.zeros((n, d), np.float64)
+        bins_per_image = np.zeros(per_image.shape[0], np.int64)
+        start = 0
+        rows = 0
+        for b in range(per_image.shape[0]):
+            stop = start + per_image[b]
+            m = 0
+            for i in range(start, stop):
+                key = 0
+                for ch in range(d):
+                    key = (key << bits) | (colors[i, ch] >> shift)
+                if table[key] == 0:
+                    listed[rows + m] = key
+                    m += 1
+                    table[key] = 1
+            mine = listed[rows : rows + m]
+            _sort_keys(mine, scratch[:m])
+            for r in range(m):
+                table[mine[r]] = r
+            for i in range(start, stop):
+                key = 0
+                for ch in range(d):
+                    key = (key << bits) | (colors[i, ch] >> shift)
+                row = rows + table[key]
+                bin_of[i] = row
+                w = np.float64(counts[i])
+                weight[row] += w
+                for ch in range(d):
+                    sums[row, ch] += w * colors[i, ch]
+            for r in range(m):
+                table[mine[r]] = 0
+            bins_per_image[b] = m
+            rows += m
+            start = stop
+        return weight[:rows].copy(), sums[:rows].copy(), bin_of, bins_per_image
+
+    @_jit()
     def _draw(cum, target):
         """The first index whose cumulative sum exceeds ``target`` (NumPy's searchsorted, side="right"), at most
         the last."""
@@ -579,7 +633,7 @@ if numba is not None:
 else:  # pragma: no cover
     _luma_row = _quality = None
     _search = _geometry = _geometry_of = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
-    _lloyd_prepare = _lloyd_update = _lloyd_pass = _color_key = _distinct = _sort_keys = None
+    _lloyd_prepare = _lloyd_update = _lloyd_pass = _color_key = _distinct = _sort_keys = _grid_bins = None
 
 
 class Bounds:
@@ -616,6 +670,9 @@ def warm_up() -> None:
     for split in (False, True):
         lloyd(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), torch.zeros(1, dtype=torch.float64), 2,
               bounds=Bounds(x), relax=1.5, split=split)  # fmt: skip
+    pixels = torch.tensor([[1, 2, 3], [1, 2, 3], [200, 0, 9]], dtype=torch.uint8)
+    keys, counts, _, per_image = distinct_colors(pixels, [3])
+    grid_bins(pixels[1:], counts, per_image.tolist(), 6)
     g = x[0].T.contiguous().numpy()
     _kmeans_plusplus(g, np.ones(4), np.arange(1.0, 5.0), np.full(8, 0.5), 2, 2, np.zeros(2, dtype=np.int64))
     img, taps = np.zeros((3, 3, 3), dtype=np.uint8), np.ones(1)
@@ -766,10 +823,7 @@ def distinct_colors(pixels: torch.Tensor, sizes: list[int]):
     -------
     keys (U,) int64, counts (U,) int64, inverse (N,) int64, colors per image (B,) int64
     """
-    table = getattr(_tables, "table", None)
-    if table is None:
-        table = _tables.table = np.zeros(1 << 24, dtype=np.int32)  # NumPy asks for huge pages
-    _tables.table = None  # should the kernel fail half way, the next call starts from a clean table
+    table = _table()
     keys, counts, inverse, per_image = _distinct(pixels.contiguous().numpy(), np.asarray(sizes, dtype=np.int64), table)
     _tables.table = table
     return (
@@ -778,6 +832,35 @@ def distinct_colors(pixels: torch.Tensor, sizes: list[int]):
         torch.from_numpy(inverse),
         torch.from_numpy(per_image),
     )
+
+
+def _table() -> np.ndarray:
+    """This thread's table of 2**24 int32 zeros (NumPy asks the kernel for huge pages for it)."""
+    table = getattr(_tables, "table", None)
+    if table is None:
+        table = _tables.table = np.zeros(1 << 24, dtype=np.int32)
+    _tables.table = None  # should a kernel fail half way, the next call starts from a clean table
+    return table
+
+
+def grid_bins(colors: torch.Tensor, counts: torch.Tensor, per_image: list[int], bits: int):
+    """Each image's distinct colors merged onto a grid of ``2**bits`` levels per channel.
+
+    What ``quantize._coarse_bins`` makes with a sort, from the table of
+    :func:`distinct_colors`: ``bits`` below 8 (``quantize._pack`` puts channel 0
+    highest there), up to 24 bits of key (``bits`` times the channels).
+
+    Returns
+    -------
+    means (M, C) float32, bin counts (M,) float64, the bin of each color (U,) int64, bins per image (B,) int64
+    """
+    table = _table()
+    weight, sums, bin_of, per_bins = _grid_bins(
+        colors.contiguous().numpy(), counts.contiguous().numpy(), np.asarray(per_image, dtype=np.int64), bits, table
+    )
+    _tables.table = table
+    means = torch.from_numpy(sums / weight[:, None]).float()
+    return means, torch.from_numpy(weight), torch.from_numpy(bin_of), torch.from_numpy(per_bins)
 
 
 def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous=None, sums: bool = False):

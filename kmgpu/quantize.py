@@ -277,6 +277,10 @@ def _coarse_bins(colors, counts, colors_of: _Ragged, bits: int, n_images: int):
     of their images, the pixel count of each bin (float64), and the bin of
     each color.
     """
+    if colors.device.type == "cpu" and bits < 8 and colors.shape[1] * bits <= 24 and cpu_kernels.compiled():
+        # The same from a table instead of a sort (cpu_kernels.grid_bins): one image's 6 ms become 1.
+        means, bin_counts, inverse, per_image = cpu_kernels.grid_bins(colors, counts, colors_of.host_sizes, bits)
+        return means, _Ragged(torch.repeat_interleave(torch.arange(n_images), per_image), n_images), bin_counts, inverse
     weights = counts.double()
     composite = (colors_of.image << _IMAGE_SHIFT) | _pack(colors, bits)
     _, bins_of, inverse, bin_counts = _grouped_unique(composite, n_images, weights)

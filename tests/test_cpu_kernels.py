@@ -1,6 +1,8 @@
 """The compiled CPU search (kmgpu/cpu_kernels.py) against brute force, with and without its bounds."""
 
 import importlib
+import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from kmgpu.quantize import color_histogram
 from .conftest import sample_pixels
 
 km = importlib.import_module("kmgpu.kmeans")  # the module, not the function kmgpu exports
+q = importlib.import_module("kmgpu.quantize")
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.usable(torch.zeros(1, 1, 3)),
@@ -262,4 +265,31 @@ def test_distinct_colors_is_a_sort_of_the_keys(channels, sizes, levels, seed):
         assert torch.equal(keys[row : row + m], want) and torch.equal(counts[row : row + m], want_counts)
         assert torch.equal(inverse[start : start + size], want_inverse + row)
         start, row = start + size, row + m
+    assert not cpu_kernels._tables.table.any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    channels=st.integers(1, 3),
+    bits=st.integers(1, 8),
+    sizes=st.lists(st.integers(0, 200), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_grid_bins_are_the_sorted_bins(channels, bits, sizes, seed):
+    """The coarse grid's bins, counts, means and each color's bin as the torch path makes them, bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    colors, counts, distinct = [], [], []
+    for size in sizes:  # each image's distinct colors, sorted by packed key, as the histogram gives them
+        packed = torch.unique(torch.randint(0, 1 << (8 * channels), (size,), generator=g))
+        colors.append(torch.stack([(packed >> (8 * ch)) & 255 for ch in range(channels)], 1).to(torch.uint8))
+        counts.append(torch.randint(1, 10_000, (packed.numel(),), generator=g))
+        distinct.append(packed.numel())
+    colors, counts, n = torch.cat(colors), torch.cat(counts), len(sizes)
+    of = q._Ragged(torch.repeat_interleave(torch.arange(n), torch.tensor(distinct)), n)
+    fast = q._coarse_bins(colors, counts, of, bits, n)
+    with mock.patch.dict(os.environ, {"KMGPU_NUMBA": "0"}):
+        slow = q._coarse_bins(colors, counts, of, bits, n)
+    assert fast[1].host_sizes == slow[1].host_sizes
+    for a, b in zip(fast[:1] + fast[2:], slow[:1] + slow[2:]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
     assert not cpu_kernels._tables.table.any()
