@@ -359,11 +359,15 @@ if numba is not None:
         )  # fmt: skip
 
     @_jit(inline="always")
-    def _color_key(pixels, i):
-        """The packed key of pixel ``i`` as ``quantize._pack(pixels, 8)`` makes it: channel 0 in the low byte."""
+    def _packed(values, i, bits):
+        """The key of row ``i`` as ``quantize._pack(values, bits)`` makes it: at 8 bits channel 0 in the low
+        byte, below 8 the top ``bits`` of each channel with channel 0 highest."""
         key = np.int64(0)
-        for ch in range(pixels.shape[1]):
-            key |= np.int64(pixels[i, ch]) << (8 * ch)
+        for ch in range(values.shape[1]):
+            if bits == 8:
+                key |= np.int64(values[i, ch]) << (8 * ch)
+            else:
+                key = (key << bits) | (np.int64(values[i, ch]) >> (8 - bits))
         return key
 
     @_jit()
@@ -385,44 +389,52 @@ if numba is not None:
             src, dst = dst, src
 
     @_jit()
+    def _rank_keys(values, start, stop, bits, table, listed, scratch):
+        """The distinct keys (below 2**24) of rows start..stop of ``values``, sorted, into ``listed``; each one's
+        rank left in ``table`` (all zeros on entry). Returns how many. ``scratch`` holds as many int32 as
+        ``listed``."""
+        m = 0
+        for i in range(start, stop):
+            key = _packed(values, i, bits)
+            if table[key] == 0:
+                listed[m] = key
+                m += 1
+                table[key] = 1
+        mine = listed[:m]
+        _sort_keys(mine, scratch[:m])
+        for r in range(m):
+            table[mine[r]] = r
+        return m
+
+    @_jit()
     def _distinct(pixels, sizes, table):
         """Each image's distinct colors (up to 3 channels), sorted, with their counts and each pixel's row.
 
         ``pixels`` (N, C) holds the images one after another, ``sizes`` (B,) their
         pixels; ``table`` (2**24,) int32 is all zeros, and is so again on return.
-        A pixel's key counts in the table (the first sight of a key lists it), the
-        listed keys are sorted (by radix), and the table then holds each key's row for a
-        second pass that writes the pixels' rows. Returns the keys and counts of
-        every image's colors, image by image, each pixel's row among them, and
-        each image's number of colors.
+        A first pass lists each key at its first sight in the table, the keys
+        are radix-sorted, and the table then holds each key's row for a second
+        pass that counts the colors and writes the pixels' rows. Returns the
+        keys and counts of every image's colors, image by image, each pixel's
+        row among them, and each image's number of colors.
         """
         n = pixels.shape[0]
         inverse = np.empty(n, np.int64)
         listed = np.empty(n, np.int32)
         counts = np.empty(n, np.int64)
         per_image = np.zeros(sizes.shape[0], np.int64)
-        start = 0
-        rows = 0
+        start = rows = 0
         for b in range(sizes.shape[0]):
             stop = start + sizes[b]
-            m = 0
+            # counts, not yet written past ``rows``, lends its bytes to the sort
+            m = _rank_keys(pixels, start, stop, 8, table, listed[rows:], counts[rows:].view(np.int32))
+            counts[rows : rows + m] = 0
             for i in range(start, stop):
-                key = _color_key(pixels, i)
-                seen = table[key]
-                if seen == 0:
-                    listed[rows + m] = key
-                    m += 1
-                table[key] = seen + 1
-            mine = listed[rows : rows + m]
-            _sort_keys(mine, counts[rows : rows + m].view(np.int32)[:m])
-            for r in range(m):
-                key = mine[r]
-                counts[rows + r] = table[key]
-                table[key] = r
-            for i in range(start, stop):
-                inverse[i] = rows + table[_color_key(pixels, i)]
-            for r in range(m):
-                table[mine[r]] = 0
+                row = rows + table[_packed(pixels, i, 8)]
+                inverse[i] = row
+                counts[row] += 1
+            for r in range(rows, rows + m):
+                table[listed[r]] = 0
             per_image[b] = m
             rows += m
             start = stop
@@ -433,50 +445,32 @@ if numba is not None:
         """Each image's colors merged onto a grid of ``2**bits`` levels per channel, as ``quantize._coarse_bins``.
 
         ``colors`` (U, C) and ``counts`` (U,) hold each image's distinct colors,
-        image by image, ``per_image`` (B,) how many. A bin's key takes the top
-        ``bits`` of each channel, channel 0 highest (``quantize._pack``); ``table``
-        (2**24,) int32 is zeros, and is so again on return. Returns, image by
-        image and by key, each bin's pixel count and the pixel-weighted sums of its
-        colors (float64; exact: integers below 2**53), the bin of each color, and
-        each image's number of bins.
+        image by image, ``per_image`` (B,) how many; ``bits`` below 8, at most 24
+        in all. ``table`` (2**24,) int32 is zeros, and is so again on return.
+        Returns, image by image and by key, each bin's pixel count and the
+        pixel-weighted sums of its colors (float64; exact: integers below
+        2**53), the bin of each color, and each image's number of bins.
         """
         n, d = colors.shape
-        shift = 8 - bits
         listed = np.empty(n, np.int32)
         scratch = np.empty(n, np.int32)
         bin_of = np.empty(n, np.int64)
         weight = np.zeros(n, np.float64)
         sums = np.zeros((n, d), np.float64)
         bins_per_image = np.zeros(per_image.shape[0], np.int64)
-        start = 0
-        rows = 0
+        start = rows = 0
         for b in range(per_image.shape[0]):
             stop = start + per_image[b]
-            m = 0
+            m = _rank_keys(colors, start, stop, bits, table, listed[rows:], scratch)
             for i in range(start, stop):
-                key = 0
-                for ch in range(d):
-                    key = (key << bits) | (colors[i, ch] >> shift)
-                if table[key] == 0:
-                    listed[rows + m] = key
-                    m += 1
-                    table[key] = 1
-            mine = listed[rows : rows + m]
-            _sort_keys(mine, scratch[:m])
-            for r in range(m):
-                table[mine[r]] = r
-            for i in range(start, stop):
-                key = 0
-                for ch in range(d):
-                    key = (key << bits) | (colors[i, ch] >> shift)
-                row = rows + table[key]
+                row = rows + table[_packed(colors, i, bits)]
                 bin_of[i] = row
                 w = np.float64(counts[i])
                 weight[row] += w
                 for ch in range(d):
                     sums[row, ch] += w * colors[i, ch]
-            for r in range(m):
-                table[mine[r]] = 0
+            for r in range(rows, rows + m):
+                table[listed[r]] = 0
             bins_per_image[b] = m
             rows += m
             start = stop
@@ -633,7 +627,7 @@ if numba is not None:
 else:  # pragma: no cover
     _luma_row = _quality = None
     _search = _geometry = _geometry_of = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
-    _lloyd_prepare = _lloyd_update = _lloyd_pass = _color_key = _distinct = _sort_keys = _grid_bins = None
+    _lloyd_prepare = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _grid_bins = None
 
 
 class Bounds:
