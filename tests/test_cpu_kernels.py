@@ -1,4 +1,5 @@
-"""The compiled CPU search (kmgpu/cpu_kernels.py) against brute force, with and without its bounds."""
+"""The compiled CPU kernels (kmgpu/cpu_kernels.py): the search against brute force, with and without its
+bounds; Lloyd's passes against the torch loop; the histograms against the sorts they replace."""
 
 import importlib
 import os
