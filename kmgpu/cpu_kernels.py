@@ -37,11 +37,13 @@ kernels are compiled on first use and cached on disk by numba.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -236,28 +238,26 @@ if numba is not None:
         return first, second, arg
 
     @_jit()
-    def _geometry(c, prev, kb, nn_sq, d_max, d_arg, d_second):
-        """Per problem, :func:`_geometry_of`: into ``nn_sq``, and the moves into ``d_max``, ``d_second``,
-        ``d_arg``."""
-        for b in range(c.shape[0]):
-            d_max[b], d_second[b], d_arg[b] = _geometry_of(c[b], prev[b], kb[b], nn_sq[b])
+    def _cluster_sums(x, w, labels, sum_x, sum_w):
+        """One problem's weighted sums of each cluster's points, in float64, in point order, added into
+        ``sum_x`` (k, d) and ``sum_w`` (k,)."""
+        for i in range(x.shape[0]):
+            a = labels[i]
+            wi = np.float64(w[i])
+            sum_w[a] += wi
+            for c in range(x.shape[1]):
+                sum_x[a, c] += wi * x[i, c]
 
     @_jit()
     def _sums(x, w, labels, sum_x, sum_w):
         """Weighted sums of each cluster's points, in float64, in point order (B, k, d) and (B, k)."""
-        n_problems, n_points, d = x.shape
-        for b in range(n_problems):
-            for i in range(n_points):
-                a = labels[b, i]
-                wi = np.float64(w[b, i])
-                sum_w[b, a] += wi
-                for c in range(d):
-                    sum_x[b, a, c] += wi * x[b, i, c]
+        for b in range(x.shape[0]):
+            _cluster_sums(x[b], w[b], labels[b], sum_x[b], sum_w[b])
 
     @_jit()
-    def _lloyd_prepare(c, prev, ct, kb, active, nn_sq, d_max, d_arg, d_second):
-        """Before the search of a Lloyd pass, for each problem ``active``: the geometry of its centers
-        (:func:`_geometry_of`), and the centers laid out (B, d, k), as the search reads them."""
+    def _prepare_search(c, prev, ct, kb, active, nn_sq, d_max, d_arg, d_second):
+        """Before a search, for each problem ``active``: the geometry of its centers (:func:`_geometry_of`),
+        and the centers laid out (B, d, k), as the search reads them."""
         n_problems, k_max, d = c.shape
         for b in range(n_problems):
             if active[b]:
@@ -291,12 +291,7 @@ if numba is not None:
             sx, sw = sum_x[b], sum_w[b]
             sx[:] = 0.0
             sw[:] = 0.0
-            for i in range(n_points):
-                a = labels[b, i]
-                wi = np.float64(w[b, i])
-                sw[a] += wi
-                for q in range(d):
-                    sx[a, q] += wi * x[b, i, q]
+            _cluster_sums(x[b], w[b], labels[b], sx, sw)
             for j in range(k):
                 held[j] = sw[j] > 0
             for j in range(k):  # empty clusters in slot order, each onto the worst-fitted point left
@@ -349,8 +344,8 @@ if numba is not None:
         x, w, c, prev, ct, kb, active, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, guessed,
         sum_x, sum_w, held, step, relax, check_rise, last_inertia, tol_abs, converged, n_iter, inertia, shift,
     ):  # fmt: skip
-        """One Lloyd pass on one thread: :func:`_lloyd_prepare`, the search, :func:`_lloyd_update`."""
-        _lloyd_prepare(c, prev, ct, kb, active, nn_sq, d_max, d_arg, d_second)
+        """One Lloyd pass on one thread: :func:`_prepare_search`, the search, :func:`_lloyd_update`."""
+        _prepare_search(c, prev, ct, kb, active, nn_sq, d_max, d_arg, d_second)
         total = x.shape[0] * x.shape[1]
         _search(x, ct, kb, labels, known, dist, lower, nn_sq, d_max, d_arg, d_second, margin, active, guessed, 0, total)
         return _lloyd_update(
@@ -407,6 +402,12 @@ if numba is not None:
         return m
 
     @_jit()
+    def _unrank_keys(table, listed):
+        """Zero the entries of ``table`` that :func:`_rank_keys` filled for the keys ``listed``."""
+        for key in listed:
+            table[key] = 0
+
+    @_jit()
     def _distinct(pixels, sizes, table):
         """Each image's distinct colors (up to 3 channels), sorted, with their counts and each pixel's row.
 
@@ -433,8 +434,7 @@ if numba is not None:
                 row = rows + table[_packed(pixels, i, 8)]
                 inverse[i] = row
                 counts[row] += 1
-            for r in range(rows, rows + m):
-                table[listed[r]] = 0
+            _unrank_keys(table, listed[rows : rows + m])
             per_image[b] = m
             rows += m
             start = stop
@@ -469,8 +469,7 @@ if numba is not None:
                 weight[row] += w
                 for ch in range(d):
                     sums[row, ch] += w * colors[i, ch]
-            for r in range(rows, rows + m):
-                table[listed[r]] = 0
+            _unrank_keys(table, listed[rows : rows + m])
             bins_per_image[b] = m
             rows += m
             start = stop
@@ -626,8 +625,10 @@ if numba is not None:
 
 else:  # pragma: no cover
     _luma_row = _quality = None
-    _search = _geometry = _geometry_of = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
-    _lloyd_prepare = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _grid_bins = None
+    _search = _geometry_of = _cluster_sums = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
+    _prepare_search = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _unrank_keys = (
+        _grid_bins
+    ) = None
 
 
 class Bounds:
@@ -641,6 +642,14 @@ class Bounds:
         self.centers: torch.Tensor | None = None  # the centers ``lower`` refers to
         # A float32 distance between points of magnitude r is off by a few ulps of r at most.
         self.margin = (x.abs().amax((1, 2)) * 1e-5).contiguous() if N and kept else torch.zeros(B)
+
+    def reference(self, centers: torch.Tensor) -> torch.Tensor:
+        """The centers the bounds were taken against, for a search against ``centers``; where there are
+        none of that shape, the bounds are forgotten and ``centers`` themselves are returned (no move)."""
+        if self.centers is not None and self.centers.shape == centers.shape:
+            return self.centers
+        self.known.fill_(-1)
+        return centers
 
     def subset(self, idx: torch.Tensor) -> Bounds:
         new = Bounds.__new__(Bounds)
@@ -742,11 +751,7 @@ def lloyd(
     xs = x.to(torch.float32).contiguous().numpy()
     ws = w.to(torch.float32).contiguous().numpy()
     c = centers.to(torch.float32).contiguous().clone()
-    prev = bounds.centers if bounds.centers is not None and bounds.centers.shape == c.shape else None
-    if prev is None:
-        bounds.known.fill_(-1)  # the bounds refer to other centers (or to none)
-        prev = c
-    prev = prev.clone()
+    prev = bounds.reference(c).clone()
     guessed = labels is not None
     lab = labels.to(torch.int64, copy=True).contiguous() if guessed else torch.zeros(B, N, dtype=torch.int64)
     sum_w = torch.zeros(B, k_max, dtype=torch.float64)
@@ -783,7 +788,7 @@ def lloyd(
                 guessed, *update[8:],
             )  # fmt: skip
         else:
-            _lloyd_prepare(cn, pn, ct, kb, active, nn_sq, d_max, d_arg, d_second)
+            _prepare_search(cn, pn, ct, kb, active, nn_sq, d_max, d_arg, d_second)
             _search_all(search_args, active, guessed, B * N, k_max)
             repaired = _lloyd_update(*update)
         passes.append((it, live, inertia.copy(), shift.copy(), int(repaired), time.perf_counter() - t0))
@@ -802,7 +807,7 @@ def distinct_colors(pixels: torch.Tensor, sizes: list[int]):
 
     What sorting the packed keys (``torch.unique``) gives, in two passes over
     the pixels through a table of 2**24 counts: for a 12-megapixel photo about
-    0.15 s against 0.9 s for packing and sorting its keys. The table (64 MiB,
+    0.3 s against 0.7 s for packing and sorting its keys. The table (64 MiB,
     its pages taken as colors touch them) is kept for the next call, one per
     thread.
 
@@ -817,9 +822,10 @@ def distinct_colors(pixels: torch.Tensor, sizes: list[int]):
     -------
     keys (U,) int64, counts (U,) int64, inverse (N,) int64, colors per image (B,) int64
     """
-    table = _table()
-    keys, counts, inverse, per_image = _distinct(pixels.contiguous().numpy(), np.asarray(sizes, dtype=np.int64), table)
-    _tables.table = table
+    with _table() as table:
+        keys, counts, inverse, per_image = _distinct(
+            pixels.contiguous().numpy(), np.asarray(sizes, dtype=np.int64), table
+        )
     return (
         torch.from_numpy(keys).to(torch.int64),
         torch.from_numpy(counts),
@@ -828,13 +834,16 @@ def distinct_colors(pixels: torch.Tensor, sizes: list[int]):
     )
 
 
-def _table() -> np.ndarray:
-    """This thread's table of 2**24 int32 zeros (NumPy asks the kernel for huge pages for it)."""
+@contextlib.contextmanager
+def _table() -> Iterator[np.ndarray]:
+    """This thread's table of 2**24 int32 zeros (NumPy asks the kernel for huge pages for it), lent to
+    a kernel that leaves it zeros; should the kernel fail half way, the next call gets a new table."""
     table = getattr(_tables, "table", None)
     if table is None:
-        table = _tables.table = np.zeros(1 << 24, dtype=np.int32)
-    _tables.table = None  # should a kernel fail half way, the next call starts from a clean table
-    return table
+        table = np.zeros(1 << 24, dtype=np.int32)
+    _tables.table = None
+    yield table
+    _tables.table = table
 
 
 def grid_bins(colors: torch.Tensor, counts: torch.Tensor, per_image: list[int], bits: int):
@@ -848,11 +857,10 @@ def grid_bins(colors: torch.Tensor, counts: torch.Tensor, per_image: list[int], 
     -------
     means (M, C) float32, bin counts (M,) float64, the bin of each color (U,) int64, bins per image (B,) int64
     """
-    table = _table()
-    weight, sums, bin_of, per_bins = _grid_bins(
-        colors.contiguous().numpy(), counts.contiguous().numpy(), np.asarray(per_image, dtype=np.int64), bits, table
-    )
-    _tables.table = table
+    with _table() as table:
+        weight, sums, bin_of, per_bins = _grid_bins(
+            colors.contiguous().numpy(), counts.contiguous().numpy(), np.asarray(per_image, dtype=np.int64), bits, table
+        )
     means = torch.from_numpy(sums / weight[:, None]).float()
     return means, torch.from_numpy(weight), torch.from_numpy(bin_of), torch.from_numpy(per_bins)
 
@@ -882,30 +890,26 @@ def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous
     k = centers.shape[1]
     x = x.to(torch.float32).contiguous()
     c = centers.to(torch.float32).contiguous()
-    ct = c.transpose(1, 2).contiguous()
-    kb = n_clusters.to(torch.int64).contiguous()
+    kb = n_clusters.to(torch.int64).contiguous().numpy()
     guessed = previous is not None
     labels = previous.to(torch.int64, copy=True).contiguous() if guessed else torch.zeros(B, N, dtype=torch.int64)
-    dist = torch.empty(B, N, dtype=torch.float32)
+    dist = np.empty((B, N), dtype=np.float32)
     if bounds is None:  # a single search: only the guess and the centers' spacing can spare one
         bounds = Bounds(x, kept=False)
-    prev = bounds.centers if bounds.centers is not None and bounds.centers.shape == c.shape else None
-    if prev is None:
-        bounds.known.fill_(-1)  # the bounds refer to other centers (or to none)
-        prev = c
-    nn_sq = torch.empty(B, k, dtype=torch.float32)
-    d_max = torch.empty(B, dtype=torch.float32)
-    d_second = torch.empty(B, dtype=torch.float32)
-    d_arg = torch.empty(B, dtype=torch.int64)
-    arrays = [t.numpy() for t in (c, prev, kb, nn_sq, d_max, d_arg, d_second)]
-    _geometry(*arrays)
-    state = (labels, bounds.known, dist, bounds.lower)
-    args = [t.numpy() for t in (x, ct, kb, *state, nn_sq, d_max, d_arg, d_second, bounds.margin)]
-    _search_all(args, np.ones(B, dtype=np.bool_), guessed, B * N, k)
+    prev = bounds.reference(c)
+    ct = np.empty((B, d, k), dtype=np.float32)
+    nn_sq = np.empty((B, k), dtype=np.float32)
+    d_max, d_second = np.empty(B, dtype=np.float32), np.empty(B, dtype=np.float32)
+    d_arg = np.empty(B, dtype=np.int64)
+    every = np.ones(B, dtype=np.bool_)
+    _prepare_search(c.numpy(), prev.numpy(), ct, kb, every, nn_sq, d_max, d_arg, d_second)
+    state = (labels.numpy(), bounds.known.numpy(), dist, bounds.lower.numpy())
+    args = [x.numpy(), ct, kb, *state, nn_sq, d_max, d_arg, d_second, bounds.margin.numpy()]
+    _search_all(args, every, guessed, B * N, k)
     bounds.centers = c.clone()  # the caller may update its centers in place
     sum_x = sum_w = None
     if sums:
         sum_x = torch.zeros(B, k, d, dtype=torch.float64)
         sum_w = torch.zeros(B, k, dtype=torch.float64)
         _sums(x.numpy(), w.to(torch.float32).contiguous().numpy(), labels.numpy(), sum_x.numpy(), sum_w.numpy())
-    return labels, dist, sum_x, sum_w
+    return labels, torch.from_numpy(dist), sum_x, sum_w
