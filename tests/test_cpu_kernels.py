@@ -58,15 +58,6 @@ def test_runner_up_bound_is_the_second_distance():
     torch.testing.assert_close(bounds.lower, second, rtol=1e-5, atol=1e-4)
 
 
-def test_float_of_bits_is_exact():
-    values = np.concatenate(
-        [np.float32([0.0, 1e-45, 3e-39, 1.1754944e-38, 1.0, 255.0**2 * 4, 3.0e38]),
-         np.random.default_rng(0).random(1000, dtype=np.float32) * 10.0 ** np.arange(-20, 30, 0.05)[:1000]]
-    ).astype(np.float32)  # fmt: skip
-    bits = values.view(np.int32)
-    assert all(cpu_kernels._float_of_bits(np.int32(b)) == v for b, v in zip(bits, values))
-
-
 def lloyd(x, w, centers, k, steps, bounds):
     """Plain over-relaxed Lloyd steps through nearest(); returns the labels of every step."""
     out = []
