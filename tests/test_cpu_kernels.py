@@ -1,5 +1,6 @@
 """The compiled CPU kernels (kmgpu/cpu_kernels.py): the search against brute force, with and without its
-bounds; Lloyd's passes against the torch loop; the histograms against the sorts they replace."""
+bounds; Lloyd's passes against the torch loop; the histograms against the sorts they replace; the PNG
+filters against the NumPy formulation."""
 
 import importlib
 import os
@@ -10,12 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
-from kmgpu import cpu_kernels
+from kmgpu import cpu_kernels, png
 from kmgpu.kmeans import kmeans
-from kmgpu.quantize import color_histogram
+from kmgpu.quantize import color_histogram, quantize_pixels
 
-from .conftest import sample_pixels
+from .conftest import SAMPLES, sample_pixels
 
 km = importlib.import_module("kmgpu.kmeans")  # the module, not the function kmgpu exports
 q = importlib.import_module("kmgpu.quantize")
@@ -285,3 +287,39 @@ def test_grid_bins_are_the_sorted_bins(channels, bits, sizes, seed):
     for a, b in zip(fast[:1] + fast[2:], slow[:1] + slow[2:]):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert not cpu_kernels._tables.table.any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    h=st.integers(1, 9),
+    w=st.integers(1, 40),
+    levels=st.sampled_from([2, 5, 256]),
+    packed=st.booleans(),
+    has_above=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_png_filters_are_the_numpy_filters(h, w, levels, packed, has_above, seed):
+    """Rows with few levels tie often (the first filter of equal cost must win); with all 256 the
+    differences wrap, and Paeth meets every branch."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, levels, (h, w), dtype=np.uint8)
+    rows[rng.random((h, w)) < 0.3] = 255 if levels == 256 else 0
+    above = rng.integers(0, levels, (1, w), dtype=np.uint8) if has_above else None
+    filters = png._PACKED_FILTERS if packed else png._ALL_FILTERS
+    ours = cpu_kernels.filter_rows(rows, above, filters)
+    assert ours.dtype == np.uint8 and ours.shape == (h, w + 1)
+    np.testing.assert_array_equal(ours, png._filtered_numpy(rows, above, filters))
+
+
+def test_png_files_are_the_same_with_either_filter_code(monkeypatch):
+    """The whole file, from a quantized photo, at 8 bits and packed: the compiled filters change no byte."""
+    with Image.open(SAMPLES / "rocket.jpg") as im:
+        photo = np.ascontiguousarray(np.asarray(im.convert("RGB"))[::2, ::2])
+    files = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(png.cpu_kernels, "compiled", lambda compiled=compiled: compiled)
+        for k in (16, 64):
+            palette, indices, _ = quantize_pixels(photo, k, device="cpu")
+            files[compiled, k] = png.encode_palette_png(indices, palette)
+    assert files[True, 16] == files[False, 16] and files[True, 64] == files[False, 64]
+    assert files[True, 16] != files[True, 64]
