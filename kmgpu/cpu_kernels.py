@@ -710,6 +710,16 @@ class Bounds:
         self.known.fill_(-1)
         return centers
 
+    def shifted(self, offset: torch.Tensor) -> Bounds:
+        """The same bounds for the points and centers moved by ``offset`` (B, 1, d), which leaves every
+        distance as it was: only the reference centers move, and the margin grows by the rounding of
+        the larger coordinates."""
+        new = Bounds.__new__(Bounds)
+        new.known, new.lower = self.known, self.lower
+        new.centers = None if self.centers is None else self.centers + offset
+        new.margin = self.margin + offset.abs().amax((1, 2)) * 1e-5
+        return new
+
     def subset(self, idx: torch.Tensor) -> Bounds:
         new = Bounds.__new__(Bounds)
         new.known, new.lower, new.margin = self.known[idx], self.lower[idx], self.margin[idx]

@@ -107,6 +107,12 @@ class KMeansResult:
         ``n_init`` runs were fitted side by side (small problems), the list is
         as long as the longest run, and a problem's entries after its run
         converged hold NaN; fitted one after another, it is the first run's.
+    bounds : optional
+        Only with ``final_labels=False``, one run, and the compiled CPU
+        search: that search's bounds after the last iteration, for
+        :func:`assign` of the same points to centers near the final ones
+        (the stored palette, rounded), which then searches fewer points.
+        Opaque, batched like the points; None elsewhere.
     """
 
     centers: torch.Tensor
@@ -116,6 +122,7 @@ class KMeansResult:
     converged: torch.Tensor
     n_clusters: torch.Tensor
     history: list[IterationStats] = field(default_factory=list)
+    bounds: cpu_kernels.Bounds | None = field(default=None, repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------
@@ -342,9 +349,8 @@ class _Assigner:
                 if sums and self.bounds is None:
                     self.bounds = cpu_kernels.Bounds(self.x)
                 return cpu_kernels.nearest(
-                    self.x, self.w, centers, n_clusters, bounds=self.bounds if sums else None,
-                    previous=previous, sums=sums,
-                )  # fmt: skip
+                    self.x, self.w, centers, n_clusters, bounds=self.bounds, previous=previous, sums=sums
+                )
         B, N, d = self.x.shape
         k = centers.shape[1]
         ca = _augment_centers(centers, slot_ok)
@@ -393,7 +399,7 @@ class _Assigner:
         return sx.transpose(1, 2), sw
 
 
-def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None, guess=None):
+def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None, guess=None, bounds=None):
     """Label every point with its nearest center, in memory-bounded blocks.
 
     Parameters
@@ -408,6 +414,11 @@ def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None, 
         Likely labels (from a fit against nearby centers). The result is the
         same, but for ties, where a point keeps its guess; on the CPU only
         the points whose guess is not at the minimum are searched.
+    bounds : optional
+        The ``bounds`` of a :func:`kmeans` result fitted to these very
+        points (batched), which they update: on the CPU they spare the
+        search of most points whose guess is still their nearest center.
+        The labels are the same.
 
     Returns
     -------
@@ -436,6 +447,7 @@ def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None, 
     asg = _Assigner(x, torch.ones(x.shape[:2], device=x.device), budget)
     if guess is not None:
         guess = _check_label_range(guess.to(device=x.device, dtype=torch.int64).reshape(x.shape[:2]), k, "guess")
+    asg.bounds = bounds
     labels, dist, _, _ = _run_with_oom_retry(asg, c, slot_ok, sums=False, previous=guess)
     return (labels[0], dist[0]) if single else (labels, dist)
 
@@ -1101,7 +1113,10 @@ def kmeans(
         )
 
     centers = torch.where(slot_ok.unsqueeze(-1), centers + origin, torch.zeros_like(centers))
-    result = KMeansResult(centers, labels, inertia, n_iter, converged, k, history)
+    # The last search's bounds, for an assignment after this one (see KMeansResult.bounds); with
+    # several runs they might be another run's.
+    bounds = asg.bounds.shifted(origin) if not final_labels and runs == 1 and asg.bounds is not None else None
+    result = KMeansResult(centers, labels, inertia, n_iter, converged, k, history, bounds)
     if single:
         result = KMeansResult(
             centers[0],
@@ -1114,6 +1129,7 @@ def kmeans(
                 IterationStats(h.iteration, h.active, h.inertia[0], h.center_shift[0], h.empty_repaired, h.seconds)
                 for h in history
             ],
+            bounds,
         )
     return result
 

@@ -94,6 +94,38 @@ def test_bounds_change_the_work_not_the_labels():
     assert searched[0] == x.shape[1] and sum(searched[1:]) < 0.5 * 7 * x.shape[1]
 
 
+@pytest.mark.parametrize("move", [0.0, 0.5, 6.0])
+def test_a_fits_bounds_spare_the_assignment_to_its_palette_not_its_labels(monkeypatch, move):
+    """kmeans hands its last bounds on (KMeansResult.bounds) for the assignment of the same points to
+    the rounded palette: fewer points searched, the same labels and distances, whatever the centers'
+    frame (the fit works about each problem's mean) and however far they then move."""
+    rng = np.random.default_rng(1)
+    photos = [np.unique(sample_pixels(name, step), axis=0) for name, step in (("coffee.png", 2), ("rocket.jpg", 3))]
+    n = max(len(p) for p in photos)
+    x = torch.zeros(2, n, 3)
+    w = torch.zeros(2, n)
+    for b, p in enumerate(photos):
+        x[b, : len(p)] = torch.from_numpy(p).float()
+        w[b, : len(p)] = torch.from_numpy(rng.integers(1, 9, len(p))).float()
+    k = torch.tensor([64, 23])
+    fit = kmeans(x, k, w, seed=0, max_iter=4, final_labels=False, device="cpu")
+    assert fit.bounds is not None
+    palette = fit.centers.round() + torch.from_numpy(rng.normal(0, move, fit.centers.shape)).float().round()
+    palette = palette.clamp(0, 255)
+    searched = []
+    real = cpu_kernels._search
+    monkeypatch.setattr(cpu_kernels, "_search", lambda *a: searched.append(real(*a)) or searched[-1])
+    monkeypatch.setattr(cpu_kernels, "_THREAD_WORK", 2**40)  # one thread: one count per search
+    plain = km.assign(x, palette, n_clusters=k, guess=fit.labels)
+    bounded = km.assign(x, palette, n_clusters=k, guess=fit.labels, bounds=fit.bounds)
+    assert torch.equal(plain[0], bounded[0]) and torch.equal(plain[1], bounded[1])
+    best, _ = brute(x, palette, k)
+    assert torch.equal(bounded[1].double(), best)
+    if move <= 0.5:
+        assert searched[1] < 0.6 * searched[0]
+    assert kmeans(x, k, w, seed=0, max_iter=4, device="cpu").bounds is None  # final labels: nothing to hand on
+
+
 def test_threads_do_not_change_the_result(monkeypatch):
     colors = torch.from_numpy(sample_pixels("coffee.png")[::5].copy()).float()
     x = torch.stack([colors[:20000], colors[20000:40000]])
