@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .imageio import DEFAULT_MAX_PIXELS
 from .png import palette_size_error
 
@@ -49,6 +50,7 @@ def main(
     ] = False,
 ) -> None:
     """kmgpu: palette PNGs from K-means on the GPU, with the numbers to prove it."""
+    keep_freed_memory()  # image after image reuses its buffers' pages (see kmgpu/allocator.py)
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -3,7 +3,8 @@
 
 Methods, each timed end to end (decode, quantize, encode) on the same files:
 
-- ``kmgpu``: ``kmgpu.quantize`` + its palette PNG encoder, in this process;
+- ``kmgpu``: ``kmgpu.quantize`` + its palette PNG encoder, in this process, with the
+  allocator setting the ``kmgpu`` command makes (``kmgpu.allocator``);
 - ``pngquant``: ``pngquant --nofs --speed 3`` as a subprocess, when it is on PATH
   (Debian package ``pngquant``; a reference, not a dependency). It reads PNG only, so a JPEG
   is first converted to a lossless PNG, outside the timing;
@@ -35,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from kmgpu import quantize
+from kmgpu.allocator import keep_freed_memory
 from kmgpu.imageio import SAMPLES_DIR, load_image, palette_png_bytes
 from kmgpu.metrics import psnr, ssim
 
@@ -129,6 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.k, args.images, args.repeats, args.no_sklearn = "64", "coffee.png", 1, True
+    keep_freed_memory()  # as the kmgpu command does
     have_pngquant = shutil.which("pngquant") is not None
     if not have_pngquant:
         print("pngquant is not on PATH: its rows are skipped (apt-get install pngquant)")
