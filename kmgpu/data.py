@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .allocator import keep_freed_memory
 from .imageio import ImageReadError, LoadedImage, load_image
 
 __all__ = ["IMAGE_SUFFIXES", "Item", "Sample", "scan", "item_key", "DoneSet", "DecodeDataset"]
@@ -217,5 +218,8 @@ def identity_collate(sample):
 
 
 def torch_threads_for_workers(worker_id: int) -> None:
-    """Workers only decode; one torch thread each leaves the cores to the fit."""
+    """One torch thread per worker: the workers share the cores (on the CPU each fits and encodes whole
+    images). They keep freed memory as the command does (``kmgpu.allocator``: a forked worker
+    inherits the setting, one started afresh needs it made)."""
     torch.set_num_threads(1)
+    keep_freed_memory()
