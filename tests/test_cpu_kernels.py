@@ -49,12 +49,15 @@ def test_full_search_is_exact_on_integers(d):
     assert not bool((labels == 5).any())
 
 
-def test_runner_up_bound_is_the_second_distance():
+@pytest.mark.parametrize("k", [40, 70])
+def test_runner_up_bound_is_the_second_distance(k):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 300, 3, generator=g) * 100
-    c = torch.rand(1, 40, 3, generator=g) * 100
+    c = torch.rand(1, k, 3, generator=g) * 100
+    c[0, 7] = c[0, 3]  # a shared minimum: the runner-up is the minimum itself
+    x[0, :20] = c[0, 3]
     bounds = cpu_kernels.Bounds(x)
-    cpu_kernels.nearest(x, torch.ones(1, 300), c, torch.tensor([40]), bounds=bounds, sums=True)
+    cpu_kernels.nearest(x, torch.ones(1, 300), c, torch.tensor([k]), bounds=bounds, sums=True)
     d = ((x[:, :, None].double() - c[:, None].double()) ** 2).sum(-1).sqrt()
     second = d.sort(-1).values[..., 1].float()
     torch.testing.assert_close(bounds.lower, second, rtol=1e-5, atol=1e-4)
@@ -245,7 +248,7 @@ def test_a_numba_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
 @settings(max_examples=40, deadline=None)
 @given(
     d=st.integers(1, 4),
-    k=st.integers(1, 40),
+    k=st.integers(1, 90),  # both ways of taking the runner-up (cpu_kernels._ONE_SWEEP_BELOW)
     n=st.integers(1, 300),
     moves=st.lists(st.floats(0.0, 60.0), min_size=1, max_size=6),
     seed=st.integers(0, 2**31),
