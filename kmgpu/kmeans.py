@@ -112,7 +112,7 @@ class KMeansResult:
         search: that search's bounds after the last iteration, for
         :func:`assign` of the same points to centers near the final ones
         (the stored palette, rounded), which then searches fewer points.
-        Opaque, batched like the points; None elsewhere.
+        Opaque (batched, (B, N), even for a single problem); None elsewhere.
     """
 
     centers: torch.Tensor
@@ -416,9 +416,9 @@ def assign(points, centers, *, n_clusters=None, chunk_bytes: int | None = None, 
         the points whose guess is not at the minimum are searched.
     bounds : optional
         The ``bounds`` of a :func:`kmeans` result fitted to these very
-        points (batched), which they update: on the CPU they spare the
-        search of most points whose guess is still their nearest center.
-        The labels are the same.
+        points, in the same order (the assignment updates them): on the
+        CPU they spare the search of most points whose guess is still
+        their nearest center. The labels are the same.
 
     Returns
     -------
