@@ -276,14 +276,17 @@ def test_bounded_search_matches_brute_force_however_centers_move(d, k, n, moves,
     sizes=st.lists(st.integers(0, 300), min_size=1, max_size=4),
     levels=st.sampled_from([2, 5, 256]),
     seed=st.integers(0, 2**16),
+    by_channel_below=st.sampled_from([0, 150, 10**9]),  # every image through the large table, some, none
 )
-def test_distinct_colors_is_a_sort_of_the_keys(channels, sizes, levels, seed):
-    """Each image's keys, counts and pixel rows as torch.unique gives them; the table is left clean."""
+def test_distinct_colors_is_a_sort_of_the_keys(channels, sizes, levels, seed, by_channel_below):
+    """Each image's keys, counts and pixel rows as torch.unique gives them, by either table; the large
+    table is left clean."""
     g = torch.Generator().manual_seed(seed)
     pixels = (torch.randint(0, levels, (sum(sizes), channels), generator=g) * (255 // max(1, levels - 1))).to(
         torch.uint8
     )
-    keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels, sizes)
+    with mock.patch.object(cpu_kernels, "_BY_CHANNEL_BELOW", by_channel_below):
+        keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels, sizes)
     assert per_image.tolist() == [len(torch.unique(p, dim=0)) for p in pixels.split(sizes)]
     packed = sum(pixels[:, ch].long() << (8 * ch) for ch in range(channels))
     start = row = 0
