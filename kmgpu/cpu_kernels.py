@@ -388,19 +388,20 @@ if numba is not None:
         return key
 
     @_jit()
-    def _sort_keys(keys, scratch):
-        """Sort ``keys`` (below 2**24) in place: two passes of a radix sort on 12 bits (12x numba's quicksort on
-        100k colors)."""
+    def _sort_keys(keys, scratch, digit_bits):
+        """Sort ``keys`` (below 2**(2 * digit_bits)) in place: two passes of a radix sort on ``digit_bits``
+        bits (on 12 bits, 12x numba's quicksort on 100k colors). ``scratch`` holds as many int32."""
         src, dst = keys, scratch
-        count = np.empty(4097, np.int64)
-        for shift in (0, 12):
+        mask = (1 << digit_bits) - 1
+        count = np.empty(mask + 2, np.int64)
+        for shift in (0, digit_bits):
             count[:] = 0
             for v in src:
-                count[((v >> shift) & 4095) + 1] += 1
-            for j in range(4096):
+                count[((v >> shift) & mask) + 1] += 1
+            for j in range(mask + 1):
                 count[j + 1] += count[j]
             for v in src:
-                digit = (v >> shift) & 4095
+                digit = (v >> shift) & mask
                 dst[count[digit]] = v
                 count[digit] += 1
             src, dst = dst, src
@@ -418,7 +419,7 @@ if numba is not None:
                 m += 1
                 table[key] = 1
         mine = listed[:m]
-        _sort_keys(mine, scratch[:m])
+        _sort_keys(mine, scratch[:m], 12)
         for r in range(m):
             table[mine[r]] = r
         return m
@@ -428,23 +429,6 @@ if numba is not None:
         """Zero the entries of ``table`` that :func:`_rank_keys` filled for the keys ``listed``."""
         for key in listed:
             table[key] = 0
-
-    @_jit()
-    def _sort_low_keys(keys, scratch):
-        """Sort ``keys`` (below 2**16) in place: two passes of a radix sort on 8 bits."""
-        src, dst = keys, scratch
-        count = np.empty(257, np.int64)
-        for shift in (0, 8):
-            count[:] = 0
-            for v in src:
-                count[((v >> shift) & 255) + 1] += 1
-            for j in range(256):
-                count[j + 1] += count[j]
-            for v in src:
-                digit = (v >> shift) & 255
-                dst[count[digit]] = v
-                count[digit] += 1
-            src, dst = dst, src
 
     @_jit()
     def _distinct_by_channel(pixels, start, stop, rows, listed, counts, inverse, order, low, scratch):
@@ -485,7 +469,7 @@ if numba is not None:
                     seen += 1
                     table[low[q]] = 1
             mine = listed[base : base + seen]
-            _sort_low_keys(mine, scratch[:seen])
+            _sort_keys(mine, scratch[:seen], 8)
             for r in range(seen):
                 table[mine[r]] = base + r
                 counts[base + r] = 0
@@ -792,7 +776,7 @@ else:  # pragma: no cover
     _search = _geometry_of = _cluster_sums = _sums = _draw = _kmeans_plusplus = None
     _prepare_search = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _unrank_keys = (
         _grid_bins
-    ) = _distinct_by_channel = _sort_low_keys = None
+    ) = _distinct_by_channel = None
 
 
 class Bounds:
