@@ -643,10 +643,10 @@ if numba is not None:
                 out[j] = img[r, j, 0]
 
     @_jit(fastmath=True)
-    def _quality(a, b, palette, lut, idx, indexed, weights, taps, c1, c2):
-        """Squared error summed over every channel value (int64) and the SSIM map summed over the window
-        positions, of ``a`` (H, W, C) uint8 against ``b``, or, if ``indexed``, against ``palette[idx]``
-        (whose luma is ``lut[idx]``).
+    def _quality(a, b, palette, lut, idx, indexed, weights, taps, c1, c2, top, bottom, err_stop):
+        """Squared error summed over every channel value (int64) of rows ``top`` to ``err_stop``, and the SSIM
+        map summed over the window positions whose top row lies in ``top`` to ``bottom``, of ``a`` (H, W,
+        C) uint8 against ``b``, or, if ``indexed``, against ``palette[idx]`` (whose luma is ``lut[idx]``).
 
         One pass down the rows: the four maps SSIM blurs (x, y, x^2 + y^2, xy)
         are blurred along each row as it comes, into a ring of the last
@@ -662,25 +662,28 @@ if numba is not None:
         acc = np.empty((4, cols))
         err = 0
         total = 0.0
-        for r in range(height):
+        for r in range(top, bottom + n - 1):
             _luma_row(a, r, weights, lx)
             if indexed:
                 for j in range(width):
-                    p = idx[r, j]
-                    ly[j] = lut[p]
-                    for c in range(channels):
-                        e = np.int64(a[r, j, c]) - np.int64(palette[p, c])
-                        err += e * e
+                    ly[j] = lut[idx[r, j]]
+                if r < err_stop:
+                    for j in range(width):
+                        p = idx[r, j]
+                        for c in range(channels):
+                            e = np.int64(a[r, j, c]) - np.int64(palette[p, c])
+                            err += e * e
             else:
                 _luma_row(b, r, weights, ly)
-                for j in range(width):
-                    for c in range(channels):
-                        e = np.int64(a[r, j, c]) - np.int64(b[r, j, c])
-                        err += e * e
+                if r < err_stop:
+                    for j in range(width):
+                        for c in range(channels):
+                            e = np.int64(a[r, j, c]) - np.int64(b[r, j, c])
+                            err += e * e
             for j in range(width):
                 sq[j] = lx[j] * lx[j] + ly[j] * ly[j]
                 xy[j] = lx[j] * ly[j]
-            h = ring[r % n]
+            h = ring[(r - top) % n]
             for m, src in enumerate((lx, ly, sq, xy)):
                 row = h[m]
                 t0 = taps[0]
@@ -690,16 +693,16 @@ if numba is not None:
                     tap = taps[t]
                     for j in range(cols):
                         row[j] += src[j + t] * tap
-            if r < n - 1:
+            if r - top < n - 1:
                 continue
-            top = r - n + 1  # the window row that is now complete
+            done = r - n + 1 - top  # the window row that is now complete, counted from ``top``
             for m in range(4):
                 out = acc[m]
-                first = ring[top % n, m]
+                first = ring[done % n, m]
                 for j in range(cols):
                     out[j] = first[j] * taps[0]
                 for t in range(1, n):
-                    row = ring[(top + t) % n, m]
+                    row = ring[(done + t) % n, m]
                     tap = taps[t]
                     for j in range(cols):
                         out[j] += row[j] * tap
@@ -839,7 +842,7 @@ def warm_up() -> None:
     img, taps = np.zeros((3, 3, 3), dtype=np.uint8), np.ones(1)
     idx, palette = np.zeros((3, 3), dtype=np.uint8), np.zeros((1, 3), dtype=np.uint8)
     for indexed in (False, True):  # as metrics calls it
-        _quality(img, img, palette, np.zeros(1), idx, indexed, np.ones(3), taps, 1.0, 1.0)
+        _quality(img, img, palette, np.zeros(1), idx, indexed, np.ones(3), taps, 1.0, 1.0, 0, 3, 3)
     filter_rows(idx, None, (0, 1, 2, 3, 4))
 
 
@@ -855,6 +858,19 @@ def _get_pool() -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kmgpu-search")
             _pool_pid = os.getpid()
         return _pool
+
+
+def run_threads(fn, items, threads: int) -> list:
+    """``[fn(item) for item in items]``, on up to ``threads`` of this process's kernel threads (the compiled
+    kernels release the GIL), the results in the order of ``items``."""
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    pool = _get_pool()
+    cut = -(-len(items) // min(threads, len(items)))  # a few calls of several items each, not one per item
+    chunks = [items[i : i + cut] for i in range(0, len(items), cut)]
+    jobs = [pool.submit(lambda part: [fn(item) for item in part], chunk) for chunk in chunks]
+    return [result for job in jobs for result in job.result()]
 
 
 def _search_all(args: list, active: np.ndarray, guessed: bool, total: int, k: int) -> None:

@@ -85,6 +85,34 @@ def test_measures_in_strips_equal_the_whole_image(monkeypatch):
     assert got[0].item() == pytest.approx(ref_psnr, rel=1e-14) and got[1].item() == pytest.approx(ref_ssim, abs=1e-12)
 
 
+def test_bands_on_threads_give_the_numbers_of_one_pass(monkeypatch, cpu_path):
+    """The compiled kernel measures bands of window rows on several threads: the PSNR of one pass exactly,
+    its SSIM to rounding, and the same numbers bit for bit whatever the threads."""
+    if cpu_path == "generic":
+        pytest.skip("bands are the compiled kernel's")
+    with Image.open(SAMPLES / "coffee.png") as im:
+        q = im.convert("RGB").quantize(64, method=Image.Quantize.MEDIANCUT)
+        a = np.asarray(im.convert("RGB"))
+    palette = np.asarray(q.getpalette()[: 3 * 64], dtype=np.uint8).reshape(-1, 3)
+    indices = np.asarray(q)
+    monkeypatch.setattr(metrics, "_BAND_ROWS", 10**6)
+    whole = quality_indexed(a, palette, indices)
+    threads = torch.get_num_threads()
+    try:
+        for rows in (1, 37, 256):
+            monkeypatch.setattr(metrics, "_BAND_ROWS", rows)
+            got = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                got.append(quality_indexed(a, palette, indices))
+                got.append(metrics.ssim(a, palette[indices]))
+            assert got[0] == got[2] == got[4] and got[1] == got[3] == got[5]
+            assert got[0][0] == whole[0] and got[0][1] == pytest.approx(whole[1], abs=1e-12)
+            assert got[1] == pytest.approx(whole[1], abs=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_identical_images():
     a = np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
     assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")
