@@ -65,9 +65,10 @@ _INF_BITS = np.int32(0x7F800000)  # the bits of float32 infinity: above those of
 _ONE_SWEEP_BELOW = 64
 # Images below this many pixels find their distinct colors by channel 2 first, in a table of 2**16
 # counts that stays in cache (cpu_kernels._distinct_by_channel): 75 bench-folder images (0.2 MP)
-# 0.22 s against 0.39, photos of 1 to 9 MP 10-20% faster. Above, scattering every pixel's row
-# back to its place misses cache more than the 2**24 table does: 12 MP photos 0.80 s against 0.75.
-_BY_CHANNEL_BELOW = 10_000_000
+# 0.22 s against 0.39, photos of 1 to 4 MP 10-20% faster. That takes 8 more bytes a pixel while it
+# runs, so larger images keep the 2**24 table (at 9 MP the gain was 7%; at 12 MP, scattering every
+# pixel's row back to its place missed cache more than the large table: 0.80 s against 0.75).
+_BY_CHANNEL_BELOW = 4_000_000
 # Work of a search, in points times (centers + 32): a point costs about as much as 32 centers
 # besides its centers. Below this much work per thread, fewer threads: a hand-off costs tens of
 # microseconds, about what 2**18 units take.
@@ -431,15 +432,16 @@ if numba is not None:
             table[key] = 0
 
     @_jit()
-    def _distinct_by_channel(pixels, start, stop, rows, listed, counts, inverse, order, low, scratch):
+    def _distinct_by_channel(pixels, start, stop, rows, listed, counts, inverse, order, low):
         """:func:`_distinct` of the image in rows start..stop of ``pixels``, its colors' rows from ``rows`` on,
         working in a table of 2**16 entries (256 KiB, in cache) rather than 2**24.
 
         The pixels are first put in order of their channel 2 (a counting sort of
         their positions, and each one's two other channels), then each run of
         one channel-2 value goes through the table as :func:`_distinct` goes
-        through its own. ``order``, ``low`` and ``scratch`` hold stop - start
-        int32. Returns the number of colors.
+        through its own. ``order`` and ``low`` hold stop - start int32 (8 bytes
+        a pixel, which is why only smaller images come here). Returns the
+        number of colors.
         """
         three = pixels.shape[1] == 3
         first = np.zeros(257, np.int64)  # where each channel-2 value's run starts
@@ -469,7 +471,7 @@ if numba is not None:
                     seen += 1
                     table[low[q]] = 1
             mine = listed[base : base + seen]
-            _sort_keys(mine, scratch[:seen], 8)
+            _sort_keys(mine, counts[base:].view(np.int32)[:seen], 8)  # counts lends bytes not yet written
             for r in range(seen):
                 table[mine[r]] = base + r
                 counts[base + r] = 0
@@ -506,12 +508,12 @@ if numba is not None:
         for b in range(sizes.shape[0]):
             if sizes[b] < by_channel_below:
                 largest = max(largest, sizes[b])
-        order, low, scratch = np.empty(largest, np.int32), np.empty(largest, np.int32), np.empty(largest, np.int32)
+        order, low = np.empty(largest, np.int32), np.empty(largest, np.int32)
         start = rows = 0
         for b in range(sizes.shape[0]):
             stop = start + sizes[b]
             if sizes[b] < by_channel_below:
-                m = _distinct_by_channel(pixels, start, stop, rows, listed, counts, inverse, order, low, scratch)
+                m = _distinct_by_channel(pixels, start, stop, rows, listed, counts, inverse, order, low)
             else:
                 # counts, not yet written past ``rows``, lends its bytes to the sort
                 m = _rank_keys(pixels, start, stop, 8, table, listed[rows:], counts[rows:].view(np.int32))
