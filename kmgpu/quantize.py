@@ -30,7 +30,7 @@ import io
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -700,6 +700,9 @@ class QuantizedImage:
     seconds: float = 0.0
     n_iter: int = 0
     measured: tuple[float, float] | None = None
+    # The palette's shape and bytes when it was put in the writer's order (in_png_order), so that
+    # the writer need not work that order out again; a palette changed since is ordered afresh.
+    _ordered: tuple | None = field(default=None, repr=False, compare=False)
 
     def reconstruct(self) -> np.ndarray:
         """The quantized pixels, (H, W, C) uint8, as a viewer decodes the PNG."""
@@ -722,7 +725,10 @@ class QuantizedImage:
 
     def png_bytes(self, *, level: int = 6) -> bytes:
         """The palette PNG, with the input's RGB ICC profile."""
-        return palette_png_bytes(self.indices, self.palette, icc_profile=self.source.icc_profile, level=level)
+        ordered = self._ordered == (self.palette.shape, self.palette.tobytes())
+        return palette_png_bytes(
+            self.indices, self.palette, icc_profile=self.source.icc_profile, level=level, in_writer_order=ordered
+        )
 
     def save(self, path: str | os.PathLike, *, level: int = 6) -> int:
         """Write the palette PNG atomically; refuses to overwrite the input. Returns its size in bytes."""
@@ -818,7 +824,9 @@ def quantize_batch(
                     indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
                 colors, indices = in_png_order(colors, indices)
             seconds = share + time.perf_counter() - t1
-            results[i] = QuantizedImage(colors, indices, src, int(k), dither, seconds, pal.n_iter, quality)
+            results[i] = QuantizedImage(
+                colors, indices, src, int(k), dither, seconds, pal.n_iter, quality, (colors.shape, colors.tobytes())
+            )
     return results  # type: ignore[return-value]
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from kmgpu import png, quantize
-from kmgpu.imageio import png_palette
+from kmgpu.imageio import palette_png_bytes, png_palette
 from kmgpu.png import bit_depth_for, encode_palette_png, smooth_order
 from kmgpu.quantize import quantize_pixels
 
@@ -172,3 +172,23 @@ def test_quantized_palettes_come_in_the_order_the_file_stores(name, k):
     im.save(buf, format="PNG")
     assert len(idat_of(data)) <= len(idat_of(buf.getvalue()))
     np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[result.indices])
+
+
+def test_a_quantized_palettes_order_is_not_worked_out_twice_unless_it_changed(monkeypatch):
+    """quantize leaves its palette in the writer's order; the writer then skips that work (k^2 distances)
+    and writes the same bytes. A palette changed since is ordered afresh."""
+    result = quantize(SAMPLES / "coffee.png", 256, device="cpu")
+    calls = []
+    real = png.smooth_order
+    monkeypatch.setattr(png, "smooth_order", lambda p: calls.append(len(p)) or real(p))
+    data = result.png_bytes()
+    assert calls == []
+    assert data == palette_png_bytes(result.indices, result.palette, icc_profile=result.source.icc_profile)
+    assert calls == [256]
+    swap = np.arange(256)
+    swap[[0, 200]] = [200, 0]
+    result.palette[:] = result.palette[swap]
+    result.indices[:] = swap[result.indices]  # the same pixels, two entries trade places
+    again = result.png_bytes()
+    assert calls == [256, 256]
+    np.testing.assert_array_equal(np.asarray(decode(again).convert("RGB")), np.asarray(decode(data).convert("RGB")))
