@@ -49,7 +49,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["usable", "Bounds", "nearest", "lloyd", "distinct_colors", "grid_bins", "filter_rows", "warm_up"]
+__all__ = [
+    "usable",
+    "Bounds",
+    "nearest",
+    "lloyd",
+    "distinct_colors",
+    "grid_bins",
+    "filter_rows",
+    "run_threads",
+    "warm_up",
+]
 
 try:  # pragma: no cover - exercised where numba is missing
     import numba
