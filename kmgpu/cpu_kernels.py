@@ -676,18 +676,18 @@ if numba is not None:
         total = 0.0
         for r in range(top, bottom + n - 1):
             _luma_row(a, r, weights, lx)
+            counted = r < err_stop  # a band's last rows only complete its windows
             if indexed:
                 for j in range(width):
-                    ly[j] = lut[idx[r, j]]
-                if r < err_stop:
-                    for j in range(width):
-                        p = idx[r, j]
+                    p = idx[r, j]
+                    ly[j] = lut[p]
+                    if counted:
                         for c in range(channels):
                             e = np.int64(a[r, j, c]) - np.int64(palette[p, c])
                             err += e * e
             else:
                 _luma_row(b, r, weights, ly)
-                if r < err_stop:
+                if counted:
                     for j in range(width):
                         for c in range(channels):
                             e = np.int64(a[r, j, c]) - np.int64(b[r, j, c])
