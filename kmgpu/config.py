@@ -19,7 +19,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .imageio import DEFAULT_MAX_PIXELS
-from .png import palette_size_error
+from .png import level_error, palette_size_error
 
 __all__ = ["ConfigError", "RunConfig", "load_config"]
 
@@ -72,7 +72,9 @@ class RunConfig:
         PSNR/SSIM); -1 chooses: 2 on the CPU, where the worker processes
         encode, and on CUDA half the cores, 8 at most (zlib releases the GIL).
     level : int
-        zlib level of the PNGs, 0 to 9.
+        Compression level of the PNGs, 0 to 12: 0-9 zlib's (6: files as
+        small as Pillow's, or smaller), 10-12 libdeflate's near-optimal
+        parsing (files about 8% smaller, several times the encoding time).
     max_pixels : int
         Images above this are refused before decoding.
     refine_iter, starts, coarse_bits, max_iter, tol
@@ -107,7 +109,7 @@ class RunConfig:
             (self.batch_pixels >= 1, f"batch_pixels={self.batch_pixels} must be at least 1"),
             (self.workers >= -1, f"workers={self.workers} must be -1 (automatic), 0 or more"),
             (self.writers >= 1 or self.writers == -1, f"writers={self.writers} {_AUTO_OR_POSITIVE}"),
-            (0 <= self.level <= 9, f"level={self.level} is out of range: zlib levels are 0 to 9"),
+            (level_error(self.level) is None, level_error(self.level)),
             (self.max_pixels >= 1, f"max_pixels={self.max_pixels} must be at least 1"),
             (self.refine_iter >= 0, f"refine_iter={self.refine_iter} must be 0 or more"),
             (self.starts >= 0, f"starts={self.starts} must be 0 (automatic) or more"),

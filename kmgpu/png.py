@@ -15,6 +15,10 @@ palette order. Measured on the bundled samples at k = 64 and 256
   no filter. A sample of the rows did not predict which (it chose wrong on
   one sample), so both are compressed and the smaller is kept: the file is
   never larger than the unfiltered one, which is what Pillow writes.
+- **Deflate.** Levels 0 to 9 are zlib's, streamed block by block. Levels 10
+  to 12 are libdeflate's near-optimal parsing: on 60 photos quantized to
+  k=64, level 10 took 3.8x the deflate time of level 6 for files 7.5% smaller,
+  and 12 took 8.6x for 8.8% smaller (level 9 of zlib: 0.7% smaller).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import deflate as libdeflate
 import numpy as np
 
 from . import cpu_kernels
@@ -31,6 +36,17 @@ from . import cpu_kernels
 __all__ = ["encode_palette_png", "bit_depth_for", "smooth_order", "writer_order", "palette_size_error"]
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# Levels above zlib's 9 are libdeflate's near-optimal parsing (see the module's notes).
+MAX_LEVEL = 12
+
+
+def level_error(level: int) -> str | None:
+    """Why ``level`` cannot be the compression level asked for, or None when it can."""
+    if 0 <= level <= MAX_LEVEL:
+        return None
+    return f"level={level} is out of range: levels are 0 to {MAX_LEVEL} (0-9 zlib's, 10-12 libdeflate's slowest)"
 
 
 def palette_size_error(k: int) -> str | None:
@@ -183,7 +199,14 @@ def _scanlines(rows: np.ndarray, adaptive: bool, filters: tuple[int, ...] = _ALL
 
 
 def _deflate(scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
-    """One zlib stream of the blocks; zlib's output does not depend on how its input is cut."""
+    """One zlib stream of the blocks; zlib's output does not depend on how its input is cut.
+
+    Above level 9 libdeflate deflates the whole stream at once (it has no
+    streaming mode; the stream is one byte per pixel, the size of the index
+    map), and ``strategy`` does not apply.
+    """
+    if level > 9:
+        return bytes(libdeflate.zlib_compress(b"".join(scanlines), level))
     z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
     out = [z.compress(block) for block in scanlines]
     out.append(z.flush())
@@ -216,9 +239,11 @@ def encode_palette_png(
     icc_profile : bytes, optional
         An RGB ICC profile, written as an iCCP chunk.
     level : int
-        zlib level, 0 to 9. The default, 6, is zlib's own and Pillow's: on 13
-        photos and graphics level 9 took 2.7x (k=16) to 1.4x (k=256) the time
-        of the deflate step for files 0.2 to 1.7% smaller.
+        0 to 12. Up to 9, zlib's levels: the default, 6, is zlib's own and
+        Pillow's; on 13 photos and graphics level 9 took 2.7x (k=16) to 1.4x
+        (k=256) the time of the deflate step for files 0.2 to 1.7% smaller.
+        10 to 12: libdeflate's near-optimal parsing, every candidate stream
+        at that level (see the module's notes).
     reorder : bool
         Reorder the palette smoothly (the decoded pixels are the same).
 
@@ -226,6 +251,9 @@ def encode_palette_png(
     -------
     bytes of the whole file
     """
+    problem = level_error(level)
+    if problem:
+        raise ValueError(problem)
     k = len(palette)
     bits = bit_depth_for(k)
     h, w = indices.shape
@@ -274,7 +302,7 @@ def encode_palette_png(
     plain = given if bits == 8 else smooth
     jobs = [(plain, False, _ALL_FILTERS, level, zlib.Z_DEFAULT_STRATEGY)]
     if bits == 8:
-        jobs.append((smooth, True, _ALL_FILTERS, min(level, 5), zlib.Z_FILTERED))
+        jobs.append((smooth, True, _ALL_FILTERS, level if level > 9 else min(level, 5), zlib.Z_FILTERED))
     else:
         jobs.append((smooth, True, _PACKED_FILTERS, level, zlib.Z_FILTERED))
         if smooth is not given:

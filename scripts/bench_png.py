@@ -7,7 +7,9 @@ slow minute of the machine does not fall on one setting only. Settings:
 
 - ``default``: what ``kmgpu.png.encode_palette_png`` does (the smaller of an unfiltered
   stream at zlib level 6 and an adaptively filtered one);
-- ``filtered@L``: the same, with the filtered stream deflated at zlib level L.
+- ``filtered@L``: the same, with the filtered stream deflated at zlib level L;
+- ``level L``: ``encode_palette_png(level=L)``: zlib's 9, and libdeflate's 10 to 12
+  (every stream at that level).
 
     python scripts/bench_png.py            # the bundled samples, k = 16, 64, 256
     python scripts/bench_png.py --extra    # also the images bench_compress.py --extra uses
@@ -52,19 +54,20 @@ def main() -> None:
         paths += extra_images()
     ks = [int(v) for v in args.k.split(",")]
     maps = [(q.indices, q.palette) for p in paths for k in ks for q in [quantize(p, k, device="cpu")]]
+    # name: (the encoder's level, the filtered stream's zlib level when patched)
     settings = {
-        "default": {},
-        "filtered@4": {"level": 4},
-        "filtered@5": {"level": 5},
-        "filtered@6": {"level": 6},
+        "default": (6, None),
+        "filtered@4": (6, 4),
+        "filtered@6": (6, 6),
+        **{f"level {level}": (level, None) for level in (9, 10, 11, 12)},
     }
     best = {name: float("inf") for name in settings}
     sizes = {}
     for _ in range(args.repeats):
-        for name, patch in settings.items():
-            with filtered_level(**patch):
+        for name, (level, filtered) in settings.items():
+            with filtered_level(filtered):
                 t0 = time.perf_counter()
-                sizes[name] = sum(len(png.encode_palette_png(i, p)) for i, p in maps)
+                sizes[name] = sum(len(png.encode_palette_png(i, p, level=level)) for i, p in maps)
                 best[name] = min(best[name], time.perf_counter() - t0)
     print(f"{len(paths)} images x k = {args.k}: {len(maps)} index maps; fastest of {args.repeats} rounds")
     print(f"{'setting':<18}{'bytes':>12}{'vs default':>12}{'encode s':>10}{'vs default':>12}")

@@ -130,6 +130,7 @@ def test_broken_files_fail_cleanly_and_the_rest_is_done(tmp_path):
         (["--k", "300"], "k=300 is out of range: palette PNGs hold 2 to 256 colors"),
         (["--k", "1"], "k=1 is out of range"),
         (["--device", "gpu"], "device='gpu' is not a device"),
+        (["--level", "13"], "level=13 is out of range: levels are 0 to 12"),
         (["-o", "x.png", "--out-dir", "d"], "-o/--output takes exactly one input"),
     ],
 )

@@ -193,6 +193,25 @@ def test_shipped_configs_load(name):
     assert 2 <= cfg.k <= 256
 
 
+def test_level_reaches_the_files(tmp_path):
+    """--level 10 (libdeflate) writes smaller files of the same pixels than the default zlib level 6."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo((96, 80)).save(src / "p.png")
+    for level in ("6", "10"):
+        assert run_cli(src, "--level", level, "--out", tmp_path / level).exit_code == 0
+    small, plain = (tmp_path / "10" / "p.png").read_bytes(), (tmp_path / "6" / "p.png").read_bytes()
+    assert len(small) < len(plain)
+    with Image.open(tmp_path / "10" / "p.png") as a, Image.open(tmp_path / "6" / "p.png") as b:
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+    assert records(tmp_path / "10")[0]["bytes_out"] == len(small)
+    bad = run_cli(src, "--level", "13", "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and bad.output.strip().endswith(
+        "level=13 is out of range: levels are 0 to 12 (0-9 zlib's, 10-12 libdeflate's slowest)"
+    )
+    assert not (tmp_path / "x").exists()
+
+
 def test_usage_errors_and_empty_folder(tmp_path):
     missing = run_cli(tmp_path / "nope")
     assert missing.exit_code == 2 and "no such file or folder" in missing.output
