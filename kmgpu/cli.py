@@ -37,7 +37,7 @@ class Dither(str, Enum):
 
 def _version(value: bool) -> None:
     if value:
-        import torch
+        import torch  # its own __version__ says the build (+cpu, +cu130), which the package metadata does not
 
         typer.echo(f"kmgpu {__version__} (torch {torch.__version__})")
         raise typer.Exit()
@@ -373,7 +373,7 @@ def _relaunch_under_torchrun(nproc: int) -> None:
 
 def _print_failures(out_dir: Path, most: int = 20) -> None:
     """One line on stderr per image that failed, the first ``most`` of them."""
-    from .pipeline import MANIFEST, read_manifest
+    from .records import MANIFEST, read_manifest
 
     count = 0
     for r in read_manifest(out_dir / MANIFEST):
@@ -387,7 +387,7 @@ def _print_failures(out_dir: Path, most: int = 20) -> None:
 
 def _print_images(out_dir: Path) -> None:
     """One line per image of a run, from its manifest."""
-    from .pipeline import MANIFEST, read_manifest
+    from .records import MANIFEST, read_manifest
     from .report import Table
 
     table = Table([("image", 30, "s"), ("size", 11, "s"), ("bytes in", 12, ",d"), ("bytes out", 11, ",d")])
@@ -436,7 +436,7 @@ def report(
     """Print the summary of an existing run (and, with --images, a line per image)."""
     import json
 
-    from .pipeline import MANIFEST, SUMMARY, summarize
+    from .records import MANIFEST, SUMMARY, summarize
 
     path = out_dir / SUMMARY
     try:

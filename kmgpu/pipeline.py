@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +53,11 @@ from .distributed import from_environment, pixel_shard
 from .imageio import write_atomic
 from .metrics import bits_per_pixel
 from .quantize import QuantizedImage, quantize_batch
+from .records import MANIFEST, SUMMARY, read_manifest, summarize
 from .timing import StageClock
 
 __all__ = ["MANIFEST", "SUMMARY", "RunError", "RunResult", "run", "default_output", "summarize", "read_manifest"]
 
-MANIFEST = "manifest.jsonl"
-SUMMARY = "summary.json"
 SETTINGS = "run.json"
 # The settings that shape the output files: a run may only resume one made with the same.
 OUTPUT_SETTINGS = ("k", "seed", "dither", "level", "refine_iter", "starts", "coarse_bits", "max_iter", "tol")
@@ -97,22 +96,6 @@ def _check_sources(sources: list[Path], out: Path) -> None:
             raise RunError(f"--out {out} is inside the source {src}: choose a folder outside it")
         if src_r.is_file() and out_r == src_r:
             raise RunError(f"--out {out} is the source file itself")
-
-
-def read_manifest(path: Path) -> Iterator[dict]:
-    """The records of a manifest; a torn last line (a killed run) is skipped."""
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        return
-    with f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "output" in record:
-                yield record
 
 
 def _order_key(record: dict) -> tuple:
@@ -217,49 +200,6 @@ def _finalize_manifest(manifest: Path) -> None:
     latest = {record["output"]: record for record in read_manifest(manifest)}
     lines = sorted(latest.values(), key=_order_key)
     write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in lines).encode())
-
-
-def summarize(manifest: Path) -> dict:
-    """Totals over a manifest, in one streaming pass."""
-    done = failed = pixels = bytes_in = bytes_out = 0
-    psnr_sum = ssim_sum = 0.0
-    n_psnr = lossless = 0
-    worst_psnr = worst_ssim = math.inf
-    worst_psnr_of = worst_ssim_of = None
-    for r in read_manifest(manifest):
-        if r.get("status") != "ok":
-            failed += 1
-            continue
-        done += 1
-        pixels += r["width"] * r["height"]
-        bytes_in += r["bytes_in"]
-        bytes_out += r["bytes_out"]
-        if r["psnr"] is None:
-            lossless += 1
-        else:
-            psnr_sum += r["psnr"]
-            n_psnr += 1
-            if r["psnr"] < worst_psnr:
-                worst_psnr, worst_psnr_of = r["psnr"], r["source"]
-        ssim_sum += r["ssim"]
-        if r["ssim"] < worst_ssim:
-            worst_ssim, worst_ssim_of = r["ssim"], r["source"]
-    return {
-        "images_done": done,
-        "images_failed": failed,
-        "megapixels": pixels / 1e6,
-        "bytes_in": bytes_in,
-        "bytes_out": bytes_out,
-        "ratio": bytes_in / bytes_out if bytes_out else None,
-        "bits_per_pixel": 8 * bytes_out / pixels if pixels else None,
-        "psnr_mean": psnr_sum / n_psnr if n_psnr else None,
-        "psnr_worst": worst_psnr if n_psnr else None,
-        "psnr_worst_image": worst_psnr_of,
-        "lossless_images": lossless,
-        "ssim_mean": ssim_sum / done if done else None,
-        "ssim_worst": worst_ssim if done else None,
-        "ssim_worst_image": worst_ssim_of,
-    }
 
 
 def _versions(device: torch.device) -> dict:

@@ -31,8 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 import deflate as libdeflate
 import numpy as np
 
-from . import cpu_kernels
-
 __all__ = ["encode_palette_png", "bit_depth_for", "smooth_order", "writer_order", "palette_size_error"]
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -148,6 +146,8 @@ def _filtered(
     """
     if not adaptive:
         return np.hstack([np.zeros((rows.shape[0], 1), np.uint8), rows])
+    from . import cpu_kernels  # here, not at the top: the command line's --help and report need no torch
+
     if cpu_kernels.compiled():  # the same bytes, 6x faster (see cpu_kernels.filter_rows)
         return cpu_kernels.filter_rows(rows, above, filters)
     return _filtered_numpy(rows, above, filters)

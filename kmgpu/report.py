@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .imageio import write_atomic
-from .metrics import bits_per_pixel
 
 __all__ = ["ImageRecord", "Table", "contact_sheet", "sweep_chart", "write_csv"]
 
@@ -44,6 +43,8 @@ class ImageRecord:
     @classmethod
     def of(cls, result, output: str, bytes_out: int, ms: float) -> ImageRecord:
         """Build the record of a :class:`kmgpu.quantize.QuantizedImage` written to ``output``."""
+        from .metrics import bits_per_pixel  # here: kmgpu report reads tables without torch
+
         src = result.source
         return cls(
             source=str(src.path) if src.path else "",

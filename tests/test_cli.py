@@ -238,3 +238,26 @@ def test_the_console_command_exits_with_the_app_code_and_flushed_output(tmp_path
     assert wrong.returncode == 2 and "k=300 is out of range" in wrong.stderr
     version = kmgpu("--version")
     assert version.returncode == 0 and version.stdout.startswith(f"kmgpu {__version__}")
+
+
+def test_help_and_report_answer_without_loading_torch(tmp_path):
+    """--help and report only parse and read JSON: they must not pay torch's and numba's seconds of import."""
+    src = tmp_path / "in"
+    src.mkdir()
+    photo().save(src / "a.png")
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["run", str(src), "--out", str(out), "--device", "cpu", "--no-progress"]).exit_code == 0
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from kmgpu.cli import app\n"
+        "runner = CliRunner()\n"
+        "helped = runner.invoke(app, ['--help'])\n"
+        "report = runner.invoke(app, ['report', sys.argv[1], '--images'])\n"
+        "print(helped.exit_code, report.exit_code, 'a.png' in report.output, '1 done' in report.output)\n"
+        "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", probe, str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["0 0 True True", "[]"]

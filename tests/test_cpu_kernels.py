@@ -355,7 +355,7 @@ def test_png_files_are_the_same_with_either_filter_code(monkeypatch):
         photo = np.ascontiguousarray(np.asarray(im.convert("RGB"))[::2, ::2])
     files = {}
     for compiled in (True, False):
-        monkeypatch.setattr(png.cpu_kernels, "compiled", lambda compiled=compiled: compiled)
+        monkeypatch.setattr(cpu_kernels, "compiled", lambda compiled=compiled: compiled)
         for k in (16, 64):
             palette, indices, _ = quantize_pixels(photo, k, device="cpu")
             files[compiled, k] = png.encode_palette_png(indices, palette)
