@@ -21,6 +21,7 @@ animated images give their first frame with a note.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import tempfile
 import threading
@@ -218,16 +219,43 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     return loaded
 
 
+_fallback_umask: int | None = None
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where there is one (os.umask sets it, for every
+    thread at once, so elsewhere it is asked once and remembered)."""
+    global _fallback_umask
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if _fallback_umask is None:
+        _fallback_umask = os.umask(0o022)
+        os.umask(_fallback_umask)
+    return _fallback_umask
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> int:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place.
 
     A crash leaves either the old file or the new one, never half of one.
+    The file gets the permissions open() would give a new one (or keeps
+    those of the file it replaces), not the temporary's 0600.
     Returns the number of bytes written.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(dest.stat().st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()  # as open() would make it; mkstemp's temporaries are 0600
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

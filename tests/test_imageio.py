@@ -1,11 +1,13 @@
 import io
+import os
+import stat
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from kmgpu import quantize
-from kmgpu.imageio import ImageReadError, load_image
+from kmgpu.imageio import ImageReadError, load_image, write_atomic
 from kmgpu.metrics import psnr
 
 from .images import encoded, exif_rotated_png, photo, png_info, srgb_icc, with_alpha
@@ -197,3 +199,23 @@ def test_array_and_tensor_inputs_agree():
         quantize(a.astype(np.float32), 16)
     assert from_array.to_pil().mode == "P"
     assert io.BytesIO(from_array.png_bytes()).getvalue()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path, mask):
+    """Atomic writes go through a 0600 temporary: the output must not keep its mode (a web server could not read it)."""
+    old_mask = os.umask(mask)
+    try:
+        plain = tmp_path / "plain.bin"
+        plain.write_bytes(b"x")
+        write_atomic(tmp_path / "new" / "a.png", b"data")
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE((tmp_path / "new" / "a.png").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"old")
+    kept.chmod(0o640)
+    assert write_atomic(kept, b"new data") == 8
+    assert kept.read_bytes() == b"new data" and stat.S_IMODE(kept.stat().st_mode) == 0o640
