@@ -342,6 +342,9 @@ def run_command(
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)
     except (ConfigError, DeviceError, RunError) as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        # The manifest holds every image finished so far, each output complete (written atomically).
+        _fail("interrupted: the images done so far are kept; the same command resumes from there", code=130)
     if not result.is_main:  # under torchrun, rank 0 speaks (and exits) for the job
         raise typer.Exit(0)
     _print_failures(Path(result.summary["output"]))

@@ -106,7 +106,9 @@ def comparable(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "ms"} for r in records(out)]
 
 
-def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, sig):
+    """SIGKILL at any moment, or Ctrl-C (SIGINT to the whole process group, which says so in one line)."""
     src = tmp_path / "photos"
     src.mkdir()
     base = np.asarray(photo((240, 160)))
@@ -119,7 +121,9 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     cmd = [sys.executable, "-m", "kmgpu", "run", str(src), *args]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         manifest = killed / MANIFEST
@@ -127,8 +131,12 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and err.decode().splitlines() == [
+            "kmgpu: error: interrupted: the images done so far are kept; the same command resumes from there"
+        ]
     lines_before = (killed / MANIFEST).read_text().count("\n")
     assert 5 <= lines_before < 36
 
