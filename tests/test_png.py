@@ -131,14 +131,20 @@ def test_packed_files_are_never_larger_than_pillows_in_any_palette_order(k, seed
     np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), palette[indices])
 
 
-@pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
-@pytest.mark.parametrize("k", [16, 64, 256])
-def test_never_larger_than_pillows_plain_save(name, k):
+def quantized_sample(name: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A bundled photo quantized to k colors: its palette, that palette as RGB, and its indices."""
     with Image.open(SAMPLES / name) as im:
         pixels = np.asarray(im.convert("L" if im.mode == "L" else "RGB"))
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     palette, indices, _ = quantize_pixels(pixels, k, device="cpu")
     rgb = np.repeat(palette, 3, axis=1) if palette.shape[1] == 1 else palette
+    return palette, rgb, indices
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
+@pytest.mark.parametrize("k", [16, 64, 256])
+def test_never_larger_than_pillows_plain_save(name, k):
+    palette, rgb, indices = quantized_sample(name, k)
     ours = encode_palette_png(indices, rgb)
     assert len(ours) <= pillow_plain_save(indices, palette)
     np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), rgb[indices])
@@ -148,15 +154,11 @@ def test_never_larger_than_pillows_plain_save(name, k):
 @pytest.mark.parametrize("k", [4, 64, 256])
 def test_levels_above_zlibs_make_smaller_files_of_the_same_pixels(name, k):
     """Levels 10 and 12 (libdeflate's near-optimal parsing) beat zlib's 6 on every photo, and 12 beats zlib's 9."""
-    with Image.open(SAMPLES / name) as im:
-        pixels = np.asarray(im.convert("L" if im.mode == "L" else "RGB"))
-    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
-    palette, indices, _ = quantize_pixels(pixels, k, device="cpu")
-    rgb = np.repeat(palette, 3, axis=1) if palette.shape[1] == 1 else palette
-    size = {level: encode_palette_png(indices, rgb, level=level) for level in (6, 9, 10, 12)}
-    assert len(size[10]) < len(size[6]) and len(size[12]) < len(size[6]) and len(size[12]) < len(size[9])
-    assert len(size[12]) <= len(size[10])
-    for data in size.values():
+    _, rgb, indices = quantized_sample(name, k)
+    files = {level: encode_palette_png(indices, rgb, level=level) for level in (6, 9, 10, 12)}
+    size = {level: len(data) for level, data in files.items()}
+    assert size[10] < size[6] and size[12] < size[6] and size[12] < size[9] and size[12] <= size[10]
+    for data in files.values():
         np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
 
 
