@@ -28,7 +28,6 @@ import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import deflate as libdeflate
 import numpy as np
 
 __all__ = ["encode_palette_png", "bit_depth_for", "smooth_order", "writer_order", "palette_size_error"]
@@ -206,6 +205,10 @@ def _deflate(scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
     map), and ``strategy`` does not apply.
     """
     if level > 9:
+        try:
+            import deflate as libdeflate  # here: levels 0-9 run without it
+        except ImportError as err:
+            raise RuntimeError(f"level {level} needs libdeflate's Python package: pip install deflate") from err
         return bytes(libdeflate.zlib_compress(b"".join(scanlines), level))
     z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
     out = [z.compress(block) for block in scanlines]

@@ -1,4 +1,5 @@
 import io
+import sys
 import zlib
 
 import numpy as np
@@ -160,6 +161,16 @@ def test_levels_above_zlibs_make_smaller_files_of_the_same_pixels(name, k):
     assert size[10] < size[6] and size[12] < size[6] and size[12] < size[9] and size[12] <= size[10]
     for data in files.values():
         np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
+
+
+def test_levels_0_to_9_need_no_libdeflate(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deflate", None)  # as if it were not installed
+    indices, palette = np.arange(64, dtype=np.uint8).reshape(8, 8) % 5, np.arange(15, dtype=np.uint8).reshape(5, 3)
+    for level in (0, 6, 9):
+        data = encode_palette_png(indices, palette, level=level)
+        np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), palette[indices])
+    with pytest.raises(RuntimeError, match="level 10 needs libdeflate's Python package: pip install deflate"):
+        encode_palette_png(indices, palette, level=10)
 
 
 @pytest.mark.parametrize("level", [-1, 13])
