@@ -209,6 +209,7 @@ if numba is not None:
                 m = _INF_BITS
                 for j in range(k):
                     m = min(m, bits[j])
+                keep = guessed and 0 <= a < k and bits[a] == m  # a tie keeps the guess
                 if k < _ONE_SWEEP_BELOW:
                     # One more sweep: the first index at the minimum, how many sit there, and the
                     # least value above it (the runner-up, unless the minimum is shared).
@@ -220,12 +221,12 @@ if numba is not None:
                         m2 = min(m2, v if v > m else _INF_BITS)
                     if ties > 1:
                         m2 = m
-                    if guessed and 0 <= a < k and bits[a] == m:
-                        j1 = np.int32(a)  # a tie keeps the guess
+                    if keep:
+                        j1 = np.int32(a)
                     d1 = buf[j1]
                 else:
-                    if guessed and 0 <= a < k and bits[a] == m:
-                        j1 = np.int32(a)  # a tie keeps the guess
+                    if keep:
+                        j1 = np.int32(a)
                     else:
                         j1 = np.int32(k)
                         for j in range(k):
@@ -885,6 +886,16 @@ def run_threads(fn, items, threads: int) -> list:
     return [result for job in jobs for result in job.result()]
 
 
+def _search_buffers(B: int, k: int, d: int) -> tuple[np.ndarray, ...]:
+    """What :func:`_prepare_search` fills for a search of B problems of up to k centers in d dimensions: the
+    centers laid out (B, d, k), each one's squared distance to its nearest other (B, k), and per problem the
+    largest move, its center and the second largest move (B,)."""
+    ct = np.empty((B, d, k), dtype=np.float32)
+    nn_sq = np.empty((B, k), dtype=np.float32)
+    d_max, d_second = np.empty(B, dtype=np.float32), np.empty(B, dtype=np.float32)
+    return ct, nn_sq, d_max, np.empty(B, dtype=np.int64), d_second
+
+
 def _search_all(args: list, active: np.ndarray, guessed: bool, total: int, k: int) -> None:
     """``_search(*args, active, guessed, ...)`` over all ``total`` points, split among threads by its work."""
     threads = _threads(total * (k + 32))
@@ -947,11 +958,8 @@ def lloyd(
     converged = torch.zeros(B, dtype=torch.bool)
     kb = n_clusters.to(torch.int64).contiguous().numpy()
     active = np.ones(B, dtype=np.bool_)
-    ct = np.empty((B, d, k_max), dtype=np.float32)
+    ct, nn_sq, d_max, d_arg, d_second = _search_buffers(B, k_max, d)
     dist = np.empty((B, N), dtype=np.float32)
-    nn_sq = np.empty((B, k_max), dtype=np.float32)
-    d_max, d_second = np.empty(B, dtype=np.float32), np.empty(B, dtype=np.float32)
-    d_arg = np.empty(B, dtype=np.int64)
     sum_x = np.zeros((B, k_max, d), dtype=np.float64)
     held = np.empty(k_max, dtype=np.bool_)
     step = np.full(B, relax, dtype=np.float32)
@@ -1102,10 +1110,7 @@ def nearest(x, w, centers, n_clusters, *, bounds: Bounds | None = None, previous
     if bounds is None:  # a single search: only the guess and the centers' spacing can spare one
         bounds = Bounds(x, kept=False)
     prev = bounds.reference(c)
-    ct = np.empty((B, d, k), dtype=np.float32)
-    nn_sq = np.empty((B, k), dtype=np.float32)
-    d_max, d_second = np.empty(B, dtype=np.float32), np.empty(B, dtype=np.float32)
-    d_arg = np.empty(B, dtype=np.int64)
+    ct, nn_sq, d_max, d_arg, d_second = _search_buffers(B, k, d)
     every = np.ones(B, dtype=np.bool_)
     _prepare_search(c.numpy(), prev.numpy(), ct, kb, every, nn_sq, d_max, d_arg, d_second)
     state = (labels.numpy(), bounds.known.numpy(), dist, bounds.lower.numpy())

@@ -44,7 +44,8 @@ __all__ = [
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-# Levels above zlib's 9 are libdeflate's near-optimal parsing (see the module's notes).
+# zlib's levels go up to 9; those above are libdeflate's near-optimal parsing (see the module's notes).
+_ZLIB_MAX_LEVEL = 9
 MAX_LEVEL = 12
 
 
@@ -213,7 +214,7 @@ def _deflate(scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
     streaming mode; the stream is one byte per pixel, the size of the index
     map), and ``strategy`` does not apply.
     """
-    if level > 9:
+    if level > _ZLIB_MAX_LEVEL:
         try:
             import deflate as libdeflate  # here: levels 0-9 run without it
         except ImportError as err:
@@ -314,7 +315,7 @@ def encode_palette_png(
     plain = given if bits == 8 else smooth
     jobs = [(plain, False, _ALL_FILTERS, level, zlib.Z_DEFAULT_STRATEGY)]
     if bits == 8:
-        jobs.append((smooth, True, _ALL_FILTERS, level if level > 9 else min(level, 5), zlib.Z_FILTERED))
+        jobs.append((smooth, True, _ALL_FILTERS, level if level > _ZLIB_MAX_LEVEL else min(level, 5), zlib.Z_FILTERED))
     else:
         jobs.append((smooth, True, _PACKED_FILTERS, level, zlib.Z_FILTERED))
         if smooth is not given:

@@ -450,6 +450,11 @@ def _plan(n_colors: int, n_bins: int, k: int, *, max_iter: int | None, refine_it
     return (("coarse", coarse), ("colors", refine_iter))
 
 
+def _joined(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The pixels (N_i, C) of every image, one image after another (N, C); one image is not copied."""
+    return torch.cat([im.reshape(-1, im.shape[1]) for im in images]) if len(images) > 1 else images[0]
+
+
 def fit_palettes(
     images: Sequence[torch.Tensor],
     k: int | Sequence[int],
@@ -539,15 +544,11 @@ def fit_palettes(
             color_keys, colors_of, counts = _chunked_histograms(images, dev)
         elif dev.type == "cpu" and next(iter(channels)) <= 3 and cpu_kernels.compiled():
             # The same, from a table of counts instead of a sort (see cpu_kernels.distinct_colors).
-            pixels = torch.cat([im.reshape(-1, im.shape[1]) for im in images]) if n > 1 else images[0]
+            pixels = _joined(images)
             color_keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels.cpu(), sizes.tolist())
             colors_of = _Ragged(torch.repeat_interleave(torch.arange(n), per_image), n)
         else:
-            pixels = (
-                torch.cat([im.reshape(-1, im.shape[1]) for im in images])
-                if n > 1
-                else images[0].reshape(-1, images[0].shape[1])
-            )
+            pixels = _joined(images)
             if dev.type == "cuda" and pixels.device.type == "cpu":  # pinned pages let the copy run asynchronously
                 pixels = pixels.pin_memory()
             pixels = pixels.to(dev, non_blocking=True)
