@@ -12,11 +12,16 @@ several sizes), then times, each in a fresh process:
 
 Images/s and MP/s are over the whole process (start-up included) and, for kmgpu, also
 over its loop alone (from summary.json). Peak memory is the largest process's peak RSS.
+``--repeats N`` runs every configuration N times, in rounds (each round runs them all once,
+so that a slow minute of a shared machine falls on all alike), and shows medians. The
+ratios #4 asks for follow the table: each setting's loop and wall throughput over
+``--batch-size 1 --workers 0``, with the ratio of each round, and its wall over pngquant's.
 ``--memory`` also runs a folder of 100 and one of 10,000 tiny images, to show that memory
 does not grow with the number of images.
 
     python scripts/bench_run.py                 # 300 images, k=64
     python scripts/bench_run.py --images 60     # quicker
+    python scripts/bench_run.py --repeats 3     # medians of 3 interleaved rounds
     python scripts/bench_run.py --memory
 """
 
@@ -101,6 +106,38 @@ def run_pngquant(folder: Path, out: Path, jobs: int, k: int) -> dict:
     return {"wall": wall, "psnr": float(np.mean(finite)), "bytes": sum(d.stat().st_size for _, d in pairs)}
 
 
+def _row(label: str, runs: list[dict], images: int, mp: float) -> str:
+    """One table row: the median of ``runs`` (walls, loop MP/s; bytes and PSNR are the same in each)."""
+    wall = float(np.median([r["wall"] for r in runs]))
+    last = runs[-1]
+    loop = f"{np.median([r['loop'] for r in runs]):>10.2f}" if "loop" in last else f"{'':>10}"
+    rss = f"{max(r['rss'] for r in runs):>10.0f}" if "rss" in last else f"{'':>10}"
+    spread = f"{min(r['wall'] for r in runs):.1f}-{max(r['wall'] for r in runs):.1f}" if len(runs) > 1 else ""
+    return (
+        f"{label:<44}{wall:>8.2f}{images / wall:>8.2f}{mp / wall:>7.2f}{loop}"
+        f"{last['psnr']:>7.2f}{last['bytes']:>12,}{rss}  {spread}"
+    )
+
+
+def _ratios(device: str, results: dict, pngquant: list[dict]) -> list[str]:
+    """#4's ratios from the medians: batching and workers over --batch-size 1 --workers 0, and over pngquant."""
+    base = results[(device, 1, 0)]
+    lines = []
+    for key, runs in results.items():
+        if key[0] != device or key[1:] == (1, 0):
+            continue
+        label = "defaults" if key[1] is None else f"--batch-size {key[1]} --workers {key[2]}"
+        loop = np.median([r["loop"] for r in runs]) / np.median([r["loop"] for r in base])
+        wall = np.median([r["wall"] for r in base]) / np.median([r["wall"] for r in runs])
+        per_round = ", ".join(f"{r['loop'] / b['loop']:.2f}" for r, b in zip(runs, base))
+        line = f"  {device} {label}: {loop:.2f}x loop ({per_round} by round), {wall:.2f}x wall over batch 1 / workers 0"
+        if pngquant:
+            against = np.median([q["wall"] for q in pngquant]) / np.median([r["wall"] for r in runs])
+            line += f"; {against:.2f}x pngquant's wall"
+        lines.append(line)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=300)
@@ -109,44 +146,52 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pngquant-jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; medians are shown")
     ap.add_argument("--memory", action="store_true", help="also compare 100 and 10,000 tiny images")
     args = ap.parse_args()
 
     import torch
 
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
+    has_pngquant = shutil.which("pngquant") is not None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = work / "photos"
         mp = build_folder(folder, args.images)
         print(f"{args.images} images, {mp:.1f} MP, k={args.k}; {os.cpu_count()} CPU cores; torch {torch.__version__}")
+        # Rounds, each running every configuration once: a slow minute of a shared machine falls
+        # on all of them alike, and the medians over rounds are what the table shows.
+        runs = ((1, 0), (args.batch_size, 0), (1, args.workers), (args.batch_size, args.workers), (None, None))
+        results: dict[tuple, list[dict]] = {(device, *run): [] for device in devices for run in runs}
+        pngquant: list[dict] = []
+        for _ in range(args.repeats):
+            for device, batch, workers in results:
+                r = run_kmgpu(folder, work / "out", device, batch, workers, args.k)
+                s = r["summary"]
+                r.update(loop=s["megapixels_per_second"], psnr=s["psnr_mean"], bytes=s["bytes_out"], config=s["config"])
+                results[(device, batch, workers)].append(r)
+            if has_pngquant:
+                pngquant.append(run_pngquant(folder, work / "pq", args.pngquant_jobs, args.k))
+        rounds = f"; median of {args.repeats} rounds (wall range at the end)" if args.repeats > 1 else ""
+        print(f"kmgpu: each run a fresh process{rounds}")
         head = (
             f"{'run':<44}{'wall s':>8}{'img/s':>8}{'MP/s':>7}{'loop MP/s':>10}{'PSNR':>7}{'bytes':>12}{'peak MiB':>10}"
         )
         print(head)
         print("-" * len(head))
-        for device in devices:
-            runs = ((1, 0), (args.batch_size, 0), (1, args.workers), (args.batch_size, args.workers), (None, None))
-            for batch, workers in runs:
-                r = run_kmgpu(folder, work / "out", device, batch, workers, args.k)
-                s = r["summary"]
-                label = f"kmgpu {device} --batch-size {batch} --workers {workers}"
-                if batch is None:
-                    used = s["config"]
-                    label = f"kmgpu {device} defaults ({used['batch_size']} / {used['workers']})"
-                print(
-                    f"{label:<44}{r['wall']:>8.2f}{args.images / r['wall']:>8.2f}{mp / r['wall']:>7.2f}"
-                    f"{s['megapixels_per_second']:>10.2f}{s['psnr_mean']:>7.2f}{s['bytes_out']:>12,}{r['rss']:>10.0f}"
-                )
-        if shutil.which("pngquant"):
-            q = run_pngquant(folder, work / "pq", args.pngquant_jobs, args.k)
-            label = f"pngquant --nofs --speed 3, {args.pngquant_jobs} processes"
-            print(
-                f"{label:<44}{q['wall']:>8.2f}{args.images / q['wall']:>8.2f}{mp / q['wall']:>7.2f}"
-                f"{'':>10}{q['psnr']:>7.2f}{q['bytes']:>12,}{'':>10}"
-            )
+        for (device, batch, workers), done in results.items():
+            label = f"kmgpu {device} --batch-size {batch} --workers {workers}"
+            if batch is None:
+                used = done[-1]["config"]
+                label = f"kmgpu {device} defaults ({used['batch_size']} / {used['workers']})"
+            print(_row(label, done, args.images, mp))
+        if has_pngquant:
+            print(_row(f"pngquant --nofs --speed 3, {args.pngquant_jobs} processes", pngquant, args.images, mp))
         else:
             print("pngquant is not on PATH: skipped (apt-get install pngquant)")
+        print("ratios (medians):")
+        for device in devices:
+            print("\n".join(_ratios(device, results, pngquant)))
 
         if args.memory:
             print("\npeak memory against folder size (tiny 32x24 images, cpu):")
