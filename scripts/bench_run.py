@@ -116,7 +116,7 @@ def _row(label: str, runs: list[dict], images: int, mp: float) -> str:
     return (
         f"{label:<44}{wall:>8.2f}{images / wall:>8.2f}{mp / wall:>7.2f}{loop}"
         f"{last['psnr']:>7.2f}{last['bytes']:>12,}{rss}  {spread}"
-    )
+    ).rstrip()
 
 
 def _ratios(device: str, results: dict, pngquant: list[dict]) -> list[str]:
@@ -130,7 +130,8 @@ def _ratios(device: str, results: dict, pngquant: list[dict]) -> list[str]:
         loop = np.median([r["loop"] for r in runs]) / np.median([r["loop"] for r in base])
         wall = np.median([r["wall"] for r in base]) / np.median([r["wall"] for r in runs])
         per_round = ", ".join(f"{r['loop'] / b['loop']:.2f}" for r, b in zip(runs, base))
-        line = f"  {device} {label}: {loop:.2f}x loop ({per_round} by round), {wall:.2f}x wall over batch 1 / workers 0"
+        per_round = f" ({per_round} by round)" if len(runs) > 1 else ""
+        line = f"  {device} {label}: {loop:.2f}x loop{per_round}, {wall:.2f}x wall over batch 1 / workers 0"
         if pngquant:
             against = np.median([q["wall"] for q in pngquant]) / np.median([r["wall"] for r in runs])
             line += f"; {against:.2f}x pngquant's wall"
