@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; medians are shown")
     ap.add_argument("--memory", action="store_true", help="also compare 100 and 10,000 tiny images")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
     import torch
 
