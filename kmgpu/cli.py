@@ -62,14 +62,8 @@ def _note(message: str) -> None:
     typer.echo(f"kmgpu: note: {message}", err=True)
 
 
-def _check_k(k: int) -> None:
-    problem = palette_size_error(k)
-    if problem:
-        _fail(problem)
-
-
-def _check_level(level: int) -> None:
-    problem = level_error(level)
+def _check(problem: str | None) -> None:
+    """Exit with ``problem`` (from ``palette_size_error``, ``level_error``), if there is one."""
     if problem:
         _fail(problem)
 
@@ -129,8 +123,8 @@ def compress(
     from .quantize import quantize
     from .report import ImageRecord, Table
 
-    _check_k(k)
-    _check_level(level)
+    _check(palette_size_error(k))
+    _check(level_error(level))
     dev = _device(device)
     if output is not None and (out_dir is not None or len(inputs) != 1):
         _fail("-o/--output takes exactly one input and no --out-dir")
@@ -198,7 +192,7 @@ def _parse_ks(text: str) -> list[int]:
     if not ks:
         _fail("--k needs at least one value")
     for k in ks:
-        _check_k(k)
+        _check(palette_size_error(k))
     return ks
 
 
@@ -224,7 +218,7 @@ def sweep(
     from .report import Table, contact_sheet, save_image, sweep_chart, write_csv
 
     ks = _parse_ks(k)
-    _check_level(level)
+    _check(level_error(level))
     dev = _device(device)
     try:
         src = load_image(image, max_pixels=max_pixels)
