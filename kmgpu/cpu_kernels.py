@@ -1,5 +1,5 @@
 """CPU kernels compiled with numba: Lloyd's passes around a nearest-center search with Hamerly's
-bounds, k-means++, PSNR with SSIM in one pass, and the PNG encoder's filters.
+bounds, k-means++, PSNR with SSIM in one pass, the PNG encoder's filters, and dithering.
 
 The generic assignment step (``kmeans._Assigner``) forms the (B, N, k) matrix
 of ``||c||^2 - 2 x.c`` block by block with one batched product and takes its
@@ -29,7 +29,9 @@ where it can prove the point's center has not changed:
 k-means++ (``_kmeans_plusplus``) draws the same centers as the torch
 versions in ``kmeans.py``; ``_quality`` measures PSNR and SSIM as
 ``metrics.py`` defines them, in one pass down the rows; ``_filter_rows``
-chooses and applies the PNG filters as ``png._filtered`` does.
+chooses and applies the PNG filters as ``png._filtered`` does; ``_dither``
+is ``--dither fs``, an error diffusion that runs one pixel after another,
+which no vectorised formulation expresses.
 
 numba is a dependency; where it cannot be imported, or with
 ``KMGPU_NUMBA=0``, the torch and NumPy paths run (the tests run both). The
@@ -57,6 +59,7 @@ __all__ = [
     "distinct_colors",
     "grid_bins",
     "filter_rows",
+    "dither",
     "run_threads",
     "warm_up",
 ]
@@ -787,8 +790,142 @@ if numba is not None:
                     p = _paeth(np.int32(x[i - 1]), np.int32(up[i]), np.int32(up[i - 1]))
                     o[i + 1] = np.uint8((np.int32(x[i]) - p) & 255)
 
+    @_jit()
+    def _contrast_row(px, r, out):
+        """Each pixel's contrast in row ``r`` of ``px`` (H, W, C) uint8: the largest magnitude, over the
+        channels and the two axes, of the second difference (left + right - 2 x centre), borders repeated."""
+        h, w, c = px.shape
+        up, down = max(r - 1, 0), min(r + 1, h - 1)
+        for i in range(w):
+            left, right = max(i - 1, 0), min(i + 1, w - 1)
+            most = np.float32(0.0)
+            for ch in range(c):
+                twice = np.float32(2.0) * np.float32(px[r, i, ch])
+                across = abs(np.float32(px[r, left, ch]) + np.float32(px[r, right, ch]) - twice)
+                down_ = abs(np.float32(px[up, i, ch]) + np.float32(px[down, i, ch]) - twice)
+                most = max(most, across, down_)
+            out[i] = most
+
+    @_jit()
+    def _cell_candidates(palette, cell, per, size, cand, n_cand):
+        """List in ``cand[cell]`` the entries of ``palette`` (k, C) float32 that can be nearest to a point of
+        grid cell ``cell`` (``per`` cells of ``size`` levels a channel, channel 0 the fastest): those whose
+        distance to the cell's box is at most the smallest distance from any entry to the box's far corner."""
+        k, c = palette.shape
+        low = np.empty(c, np.float32)
+        rest = cell
+        for ch in range(c):
+            low[ch] = (rest % per) * size
+            rest //= per
+        near = np.empty(k, np.float32)
+        limit = np.float32(3.0e38)
+        for j in range(k):
+            inside = np.float32(0.0)
+            far = np.float32(0.0)
+            for ch in range(c):
+                p, lo, hi = palette[j, ch], low[ch], low[ch] + size
+                t = lo - p if p < lo else (p - hi if p > hi else np.float32(0.0))
+                inside += t * t
+                f = max(p - lo, hi - p)
+                far += f * f
+            near[j] = inside
+            limit = min(limit, far)
+        n = 0
+        for j in range(k):
+            if near[j] <= limit:
+                cand[cell, n] = j
+                n += 1
+        n_cand[cell] = n
+
+    @_jit()
+    def _dither(px, palette_u8, labels, attenuation, cap_rms, cap_least, dead, flat_below, out):
+        """Floyd-Steinberg error diffusion of ``px`` (H, W, C) uint8 onto ``palette_u8`` (k, C) into ``out``.
+
+        ``labels`` (H, W) is each pixel's undithered nearest entry. Rows
+        alternate direction (serpentine). The error a pixel receives is
+        scaled by ``attenuation`` and by the pixel's flatness (1 - contrast / ``flat_below``, at least 0, the
+        contrast the largest of :func:`_contrast_row` in its 3 x 3
+        neighbourhood); its length is capped at ``cap_rms`` times the
+        undithered image's RMS error per pixel (at least ``cap_least``) and
+        ignored below ``dead``; the adjusted color is clipped to 0-255.
+        """
+        h, w, c = px.shape
+        k = palette_u8.shape[0]
+        palette = palette_u8.astype(np.float32)
+        sq_err = 0.0
+        for r in range(h):
+            for i in range(w):
+                g = labels[r, i]
+                for ch in range(c):
+                    t = np.float64(px[r, i, ch]) - np.float64(palette_u8[g, ch])
+                    sq_err += t * t
+        cap = np.float32(max(cap_least, cap_rms * np.sqrt(sq_err / (h * w))))
+        # The nearest entry of an adjusted color is found among its grid cell's candidates, listed the
+        # first time a color falls in the cell: at most 2**15 cells (32 levels a channel for RGB).
+        per = 256
+        while per**c > 2**15:
+            per //= 2
+        step = 256 // per
+        cand = np.empty((per**c, k), np.uint8)
+        n_cand = np.full(per**c, -1, np.int32)
+        err = np.zeros((w + 2, c), np.float32)  # the error that row r receives, at column + 1
+        below = np.zeros((w + 2, c), np.float32)  # ... and row r + 1
+        contrast = np.zeros((3, w), np.float32)  # rows r - 1, r, r + 1
+        _contrast_row(px, 0, contrast[0])
+        _contrast_row(px, 0, contrast[1])
+        _contrast_row(px, min(1, h - 1), contrast[2])
+        column_max = np.empty(w, np.float32)
+        gain = np.empty(w, np.float32)
+        x = np.empty(c, np.float32)
+        e = np.empty(c, np.float32)
+        for r in range(h):
+            if r > 0:
+                contrast[0, :] = contrast[1]
+                contrast[1, :] = contrast[2]
+                _contrast_row(px, min(r + 1, h - 1), contrast[2])
+            for i in range(w):
+                column_max[i] = max(contrast[0, i], contrast[1, i], contrast[2, i])
+            for i in range(w):
+                most = max(column_max[max(i - 1, 0)], column_max[i], column_max[min(i + 1, w - 1)])
+                gain[i] = attenuation * max(np.float32(0.0), np.float32(1.0) - most / flat_below)
+            below[:, :] = 0
+            forward = r % 2 == 0
+            for t in range(w):
+                i = t if forward else w - 1 - t
+                length = np.float32(0.0)
+                for ch in range(c):
+                    e[ch] = err[i + 1, ch] * gain[i]
+                    length += e[ch] * e[ch]
+                length = np.sqrt(length)
+                scale = np.float32(0.0) if length < dead else (cap / length if length > cap else np.float32(1.0))
+                cell, weight = 0, 1
+                for ch in range(c):
+                    x[ch] = min(max(np.float32(px[r, i, ch]) + e[ch] * scale, np.float32(0.0)), np.float32(255.0))
+                    cell += (int(x[ch]) // step) * weight
+                    weight *= per
+                if n_cand[cell] < 0:
+                    _cell_candidates(palette, cell, per, np.float32(step), cand, n_cand)
+                best, d_best = 0, np.float32(3.0e38)
+                for m in range(n_cand[cell]):  # in index order: ties go to the lowest
+                    j = cand[cell, m]
+                    d = np.float32(0.0)
+                    for ch in range(c):
+                        t2 = x[ch] - palette[j, ch]
+                        d += t2 * t2
+                    if d < d_best:
+                        best, d_best = j, d
+                out[r, i] = best
+                ahead, behind = (i + 2, i) if forward else (i, i + 2)
+                for ch in range(c):
+                    q = x[ch] - palette[best, ch]
+                    err[ahead, ch] += q * np.float32(7 / 16)
+                    below[ahead, ch] += q * np.float32(1 / 16)
+                    below[i + 1, ch] += q * np.float32(5 / 16)
+                    below[behind, ch] += q * np.float32(3 / 16)
+            err, below = below, err
+
 else:  # pragma: no cover
-    _luma_row = _quality = _filter_rows = None
+    _luma_row = _quality = _filter_rows = _contrast_row = _cell_candidates = _dither = None
     _search = _geometry_of = _cluster_sums = _sums = _draw = _kmeans_plusplus = None
     _prepare_search = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _unrank_keys = (
         _grid_bins
@@ -857,6 +994,7 @@ def warm_up() -> None:
     for indexed in (False, True):  # as metrics calls it
         _quality(img, img, palette, np.zeros(1), idx, indexed, np.ones(3), taps, 1.0, 1.0, 0, 3, 3)
     filter_rows(idx, None, (0, 1, 2, 3, 4))
+    dither(img, np.array([[0, 0, 0], [9, 9, 9]], dtype=np.uint8), idx)
 
 
 def _threads(work: int) -> int:
@@ -1075,6 +1213,42 @@ def filter_rows(rows: np.ndarray, above: np.ndarray | None, filters: tuple[int, 
     out = np.empty((h, w + 1), dtype=np.uint8)
     up = np.zeros(w, dtype=np.uint8) if above is None else np.ascontiguousarray(above[0], dtype=np.uint8)
     _filter_rows(np.ascontiguousarray(rows, dtype=np.uint8), up, np.asarray(filters, dtype=np.int64), out)
+    return out
+
+
+# Floyd-Steinberg dithering (``dither``): serpentine rows, and four refinements of the textbook's
+# diffusion, each measured by undoing it (scripts/bench_dither.py --extra --ablate, BENCHMARKS.md):
+# - 0.9 of the error is passed on, not all of it, so that it does not build up into noise;
+# - the error a pixel receives is capped at twice the image's RMS error (at least 8 levels), which
+#   stops the runs of wrong colors that a large error drives through an area the palette covers well;
+# - an error below one level is not applied: flat areas stay flat, and cost fewer bytes;
+# - the error reaches a pixel in proportion to how flat its 3 x 3 neighbourhood is (no second
+#   difference of 32 levels or more: none at all), since at edges dithering only makes them jagged
+#   and in textures, which hide banding anyway, it adds noise and bytes.
+_DITHER_ATTENUATION = 0.9
+_DITHER_CAP_RMS, _DITHER_CAP_LEAST = 2.0, 8.0
+_DITHER_DEAD = 1.0
+_DITHER_FLAT_BELOW = 32.0
+
+
+def dither(pixels: np.ndarray, palette: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each pixel of ``pixels`` (H, W, C) uint8 mapped to ``palette`` (k, C) uint8 by error diffusion.
+
+    ``labels`` (H, W) are the pixels' nearest entries without dithering.
+    Returns the (H, W) uint8 indices. Serpentine Floyd-Steinberg, the error
+    attenuated, capped, and kept off edges and textures (see the notes
+    above); each pixel takes the exactly nearest entry to its adjusted
+    color (ties to the lowest index). One pass down the rows, with a few
+    rows of state and at most 8 MB of candidate lists.
+    """
+    h, w, _ = pixels.shape
+    out = np.empty((h, w), dtype=np.uint8)
+    _dither(
+        np.ascontiguousarray(pixels, dtype=np.uint8),
+        np.ascontiguousarray(palette, dtype=np.uint8),
+        np.ascontiguousarray(labels, dtype=np.uint8),
+        _DITHER_ATTENUATION, _DITHER_CAP_RMS, _DITHER_CAP_LEAST, _DITHER_DEAD, _DITHER_FLAT_BELOW, out,
+    )  # fmt: skip
     return out
 
 

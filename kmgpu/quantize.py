@@ -744,8 +744,20 @@ class QuantizedImage:
         return Image.open(io.BytesIO(self.png_bytes(level=1)))
 
 
-def _dither_fs(pixels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Map pixels to a given palette with Floyd-Steinberg error diffusion (Pillow's remap)."""
+def _dither_fs(pixels: np.ndarray, palette: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Map pixels (H, W, C) to ``palette`` with Floyd-Steinberg error diffusion: (H, W) uint8 indices.
+
+    ``labels`` are the undithered nearest entries. The compiled kernel
+    (:func:`kmgpu.cpu_kernels.dither`: serpentine, the error attenuated,
+    capped and kept off edges); without numba, Pillow's remap.
+    """
+    if cpu_kernels.compiled():
+        return cpu_kernels.dither(pixels, palette, labels)
+    return _pillow_fs(pixels, palette)
+
+
+def _pillow_fs(pixels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Pillow's Floyd-Steinberg remap of ``pixels`` (1 or 3 channels) onto ``palette``."""
     rgb_palette = np.repeat(palette, 3, axis=1) if palette.shape[1] == 1 else palette
     holder = Image.new("P", (1, 1))
     holder.putpalette(rgb_palette.reshape(-1).tolist())
@@ -817,12 +829,11 @@ def quantize_batch(
             t1 = time.perf_counter()
             with stage(clock, "assign"):
                 colors = pal.colors.cpu().numpy()
+                indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
                 if dithered:
-                    indices = _dither_fs(src.pixels, colors)
-                else:
-                    if dither == "fs":
-                        src.notes.append("dithering is not applied to images with transparency")
-                    indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
+                    indices = _dither_fs(src.pixels, colors, indices)
+                elif dither == "fs":
+                    src.notes.append("dithering is not applied to images with transparency")
                 colors, indices = in_png_order(colors, indices)
             seconds = share + time.perf_counter() - t1
             results[i] = QuantizedImage(

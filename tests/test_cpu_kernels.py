@@ -361,3 +361,73 @@ def test_png_files_are_the_same_with_either_filter_code(monkeypatch):
             files[compiled, k] = png.encode_palette_png(indices, palette)
     assert files[True, 16] == files[False, 16] and files[True, 64] == files[False, 64]
     assert files[True, 16] != files[True, 64]
+
+
+def dither_reference(px: np.ndarray, palette: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``cpu_kernels.dither`` written out plainly, float32 as the kernel computes, with a brute-force nearest."""
+    h, w, c = px.shape
+    pal = palette.astype(np.float32)
+    f32 = np.float32
+    rms = np.sqrt(((px.astype(np.float64) - palette[labels].astype(np.float64)) ** 2).sum() / (h * w))
+    cap = f32(max(cpu_kernels._DITHER_CAP_LEAST, cpu_kernels._DITHER_CAP_RMS * rms))
+    # contrast: the largest second difference over channels and axes, borders repeated; then its 3 x 3 maximum
+    p = np.pad(px.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    second = np.maximum(np.abs(p[1:-1, :-2] + p[1:-1, 2:] - 2 * p[1:-1, 1:-1]),
+                        np.abs(p[:-2, 1:-1] + p[2:, 1:-1] - 2 * p[1:-1, 1:-1])).max(2)  # fmt: skip
+    q = np.pad(second, 1, mode="edge")
+    most = np.max([q[i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=0)
+    gain = (cpu_kernels._DITHER_ATTENUATION * np.maximum(0.0, 1.0 - most / cpu_kernels._DITHER_FLAT_BELOW)).astype(f32)
+    err = np.zeros((h + 1, w + 2, c), np.float32)  # err[r, i + 1]: the error pixel (r, i) receives
+    out = np.empty((h, w), np.uint8)
+    for r in range(h):
+        cols = range(w) if r % 2 == 0 else range(w - 1, -1, -1)
+        step = 1 if r % 2 == 0 else -1
+        for i in cols:
+            e = err[r, i + 1] * gain[r, i]
+            length = np.sqrt(f32((e * e).sum(dtype=np.float32)))
+            scale = f32(0) if length < cpu_kernels._DITHER_DEAD else (cap / length if length > cap else f32(1))
+            x = np.clip(px[r, i].astype(np.float32) + e * scale, f32(0), f32(255))
+            d = np.zeros(len(pal), np.float32)
+            for ch in range(c):  # summed channel by channel, as the kernel does
+                d += (x[ch] - pal[:, ch]) ** 2
+            best = int(d.argmin())
+            out[r, i] = best
+            qe = x - pal[best]
+            err[r, i + 1 + step] += qe * f32(7 / 16)
+            err[r + 1, i + 1 + step] += qe * f32(1 / 16)
+            err[r + 1, i + 1] += qe * f32(5 / 16)
+            err[r + 1, i + 1 - step] += qe * f32(3 / 16)
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("k", [2, 16, 256])
+def test_dither_does_what_it_says(channels, k):
+    """The compiled error diffusion equals a plain loop with a brute-force nearest, pixel for pixel:
+    a photo's corner (edges, texture), a gradient, and a palette with a repeated entry (ties)."""
+    rng = np.random.default_rng(k)
+    with Image.open(SAMPLES / "coffee.png") as im:
+        photo = np.asarray(im.convert("RGB"))[150:174, 200:230, :channels]
+    ramp = np.linspace(0, 255, 30, dtype=np.float64)[None, :, None] + np.zeros((18, 1, channels))
+    for px in (photo, (ramp + rng.normal(0, 2, ramp.shape)).clip(0, 255).astype(np.uint8)):
+        px = np.ascontiguousarray(px)
+        palette = rng.integers(0, 256, (k, channels), dtype=np.uint8)
+        palette[-1] = palette[0]  # a tie: the lower index must win
+        d = ((px.reshape(-1, 1, channels).astype(np.int64) - palette[None].astype(np.int64)) ** 2).sum(-1)
+        labels = d.argmin(1).reshape(px.shape[:2]).astype(np.uint8)
+        np.testing.assert_array_equal(cpu_kernels.dither(px, palette, labels), dither_reference(px, palette, labels))
+
+
+def test_dither_without_error_is_the_exact_nearest(monkeypatch):
+    """With nothing diffused, every pixel takes its exactly nearest entry (the grid cells' candidate lists
+    miss none), the lowest index among equals, for 1 to 4 channels and up to 256 entries."""
+    monkeypatch.setattr(cpu_kernels, "_DITHER_ATTENUATION", 0.0)
+    rng = np.random.default_rng(0)
+    for channels in (1, 2, 3, 4):
+        for k in (2, 17, 256):
+            px = rng.integers(0, 256, (40, 50, channels), dtype=np.uint8)
+            palette = rng.integers(0, 256, (k, channels), dtype=np.uint8)
+            palette[k // 2] = palette[0]
+            d = ((px.reshape(-1, 1, channels).astype(np.int64) - palette[None].astype(np.int64)) ** 2).sum(-1)
+            nearest = d.argmin(1).reshape(40, 50).astype(np.uint8)
+            np.testing.assert_array_equal(cpu_kernels.dither(px, palette, nearest), nearest)

@@ -8,10 +8,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from sklearn.cluster import KMeans as SKKMeans
 
-from kmgpu.metrics import psnr
+from kmgpu import cpu_kernels, quantize
+from kmgpu.imageio import palette_png_bytes
+from kmgpu.metrics import psnr, ssim
 from kmgpu.quantize import (
     _CPU_PADDING,
     _SMALL_GROUP,
+    _pillow_fs,
     _size_groups,
     color_histogram,
     fit_palette,
@@ -272,3 +275,57 @@ def test_coarse_steps_by_default_and_when_given(k, max_iter, coarse_steps):
 def test_max_iter_below_one_is_refused():
     with pytest.raises(ValueError, match="max_iter=0"):
         fit_palettes([torch.zeros(40, 3, dtype=torch.uint8)], 4, max_iter=0)
+
+
+# --------------------------------------------------------------------------
+# Dithering (--dither fs)
+# --------------------------------------------------------------------------
+
+
+def blurred_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR after the same Gaussian blur (sigma 1.5) of both images: how well local averages are kept."""
+    from kmgpu.metrics import _blur, _gaussian_taps
+
+    taps = _gaussian_taps(9, 1.5)
+    d = [_blur(torch.from_numpy(a[..., ch] - b[..., ch].astype(np.float64)), taps) for ch in range(a.shape[2])]
+    return float(10 * np.log10(255.0**2 / np.mean([float((x * x).mean()) for x in d])))
+
+
+@pytest.mark.skipif(not cpu_kernels.compiled(), reason="the compiled dithering needs numba (else Pillow's runs)")
+@pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
+@pytest.mark.parametrize("k", [16, 64])
+def test_dither_beats_pillows_floyd_steinberg_on_the_same_palette(name, k):
+    """kmgpu's error diffusion against Pillow's remap onto the same palette: a smaller file, more PSNR
+    and more SSIM, on every sample (color and gray)."""
+    plain = quantize(SAMPLES / name, k)
+    ours = quantize(SAMPLES / name, k, dither="fs")
+    pixels = plain.source.pixels
+    pillows = _pillow_fs(pixels, plain.palette)
+    theirs = plain.palette[pillows]
+    assert len(ours.png_bytes()) < len(palette_png_bytes(pillows, plain.palette))
+    assert ours.psnr > psnr(pixels, theirs) and ours.ssim > ssim(pixels, theirs)
+    assert ours.psnr < plain.psnr  # and it does dither
+
+
+@pytest.mark.skipif(not cpu_kernels.compiled(), reason="the compiled dithering needs numba (else Pillow's runs)")
+def test_dither_keeps_the_local_average_of_a_gradient():
+    """On a smooth gradient, where banding shows, the diffusion is at full strength: the blurred image is
+    3 dB closer than without dithering (4.4 measured), and within 0.5 dB of Pillow's undamped Floyd-Steinberg."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:200, 0:300] / np.array([200.0, 300.0])[:, None, None]
+    sky = np.stack([60 + 90 * y + 20 * x, 110 + 100 * y, 200 + 40 * y - 10 * x], -1)
+    sky = np.clip(np.round(sky + rng.normal(0, 0.5, sky.shape)), 0, 255).astype(np.uint8)
+    plain, ours = quantize(sky, 16), quantize(sky, 16, dither="fs")
+    pillows = plain.palette[_pillow_fs(sky, plain.palette)]
+    mine = blurred_psnr(sky, ours.reconstruct())
+    assert mine > blurred_psnr(sky, plain.reconstruct()) + 3
+    assert mine > blurred_psnr(sky, pillows) - 0.5
+
+
+def test_dither_reproduces_an_image_of_few_colors():
+    """No more colors than k: nothing to diffuse, the pixels come back exactly."""
+    rng = np.random.default_rng(0)
+    colors = rng.integers(0, 256, (12, 3), dtype=np.uint8)
+    pixels = colors[rng.integers(0, 12, (30, 40))]
+    result = quantize(pixels, 16, dither="fs")
+    np.testing.assert_array_equal(result.reconstruct(), pixels)
