@@ -329,3 +329,41 @@ def test_dither_reproduces_an_image_of_few_colors():
     pixels = colors[rng.integers(0, 12, (30, 40))]
     result = quantize(pixels, 16, dither="fs")
     np.testing.assert_array_equal(result.reconstruct(), pixels)
+
+
+def cut_out(blur: float) -> np.ndarray:
+    """A sample photo cut out by an ellipse whose edge is blurred by ``blur`` pixels: RGBA uint8."""
+    from PIL import ImageDraw, ImageFilter
+
+    with Image.open(SAMPLES / "astronaut.png") as im:
+        rgb = np.asarray(im.convert("RGB").resize((256, 256)))
+    mask = Image.new("L", (256, 256), 0)
+    ImageDraw.Draw(mask).ellipse([40, 30, 216, 226], fill=255)
+    return np.dstack([rgb, np.asarray(mask.filter(ImageFilter.GaussianBlur(blur)))])
+
+
+@pytest.mark.parametrize("k", [16, 64])
+def test_opaque_pixels_stay_opaque_and_transparent_ones_transparent(k):
+    """A cut-out with a soft edge: the entries that hold the opaque area (and the clear one) take the alpha
+    of most of their pixels, not the mean that the edge pulls below 255 (or above 0), so nothing turns
+    see-through and the background takes no haze; while the edge keeps its levels of alpha."""
+    a = cut_out(3)
+    out = quantize(a, k).reconstruct()
+    assert (out[a[..., 3] == 255][:, 3] == 255).all()
+    assert (out[a[..., 3] == 0] == 0).all()
+    edge = (a[..., 3] > 0) & (a[..., 3] < 255)
+    assert len(np.unique(out[edge][:, 3])) >= 3
+
+
+@pytest.mark.skipif(not cpu_kernels.compiled(), reason="images with transparency are dithered by the compiled kernel")
+def test_images_with_transparency_are_dithered_too():
+    """--dither fs on RGBA: the colors are diffused (the file changes, the blurred picture gets closer), the
+    alpha's extremes stay exact, and no note says dithering was skipped."""
+    a = cut_out(2)
+    plain, ours = quantize(a, 16), quantize(a, 16, dither="fs")
+    dithered = ours.reconstruct()
+    assert not ours.source.notes
+    assert not np.array_equal(dithered, plain.reconstruct())
+    pixels = ours.source.pixels
+    assert blurred_psnr(pixels, dithered) > blurred_psnr(pixels, plain.reconstruct()) + 0.2  # 0.4 measured
+    assert (dithered[a[..., 3] == 255][:, 3] == 255).all() and (dithered[a[..., 3] == 0] == 0).all()
