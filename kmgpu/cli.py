@@ -58,6 +58,17 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _interrupted(err: BaseException | None) -> bool:
+    """Whether ``err`` is a Ctrl-C: a KeyboardInterrupt, or the SystemError ("returned a result with an
+    exception set") that a compiled numba kernel's call raises, with the KeyboardInterrupt as its cause,
+    when the signal arrives while the kernel runs."""
+    while err is not None:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _note(message: str) -> None:
     typer.echo(f"kmgpu: note: {message}", err=True)
 
@@ -336,7 +347,9 @@ def run_command(
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)
     except (ConfigError, DeviceError, RunError) as err:
         _fail(str(err))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as err:
+        if not _interrupted(err):
+            raise
         # The manifest holds every image finished so far, each output complete (written atomically).
         _fail("interrupted: the images done so far are kept; the same command resumes from there", code=130)
     if not result.is_main:  # under torchrun, rank 0 speaks (and exits) for the job
