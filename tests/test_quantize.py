@@ -367,3 +367,20 @@ def test_images_with_transparency_are_dithered_too():
     pixels = ours.source.pixels
     assert blurred_psnr(pixels, dithered) > blurred_psnr(pixels, plain.reconstruct()) + 0.2  # 0.4 measured
     assert (dithered[a[..., 3] == 255][:, 3] == 255).all() and (dithered[a[..., 3] == 0] == 0).all()
+
+
+def test_without_numba_pillows_floyd_steinberg_dithers(monkeypatch):
+    """The fallback where the compiled kernels cannot run: Pillow's remap onto the fitted palette, and images
+    with transparency are left undithered, with a note that says so."""
+    monkeypatch.setattr(cpu_kernels, "compiled", lambda: False)
+    with Image.open(SAMPLES / "coffee.png") as im:
+        rgb = np.asarray(im.convert("RGB"))[::2, ::2].copy()
+    plain, dithered = quantize(rgb, 16), quantize(rgb, 16, dither="fs")
+    expected = plain.palette[_pillow_fs(rgb, plain.palette)]
+    # Pillow's remap settles a few near-ties by the palette's order, which the result has changed.
+    same = (dithered.reconstruct() == expected).all(-1).mean()
+    assert same > 0.999 and not np.array_equal(dithered.reconstruct(), plain.reconstruct())
+    rgba = cut_out(2)
+    result = quantize(rgba, 16, dither="fs")
+    assert result.source.notes == ["dithering is not applied to images with transparency"]
+    np.testing.assert_array_equal(result.reconstruct(), quantize(rgba, 16).reconstruct())
