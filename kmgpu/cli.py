@@ -514,6 +514,11 @@ def console() -> None:
         code = 0
     except SystemExit as done:
         code = done.code
+    except SystemError as err:  # a Ctrl-C that landed inside a compiled kernel (see _interrupted)
+        if not _interrupted(err):
+            raise
+        print("kmgpu: error: interrupted", file=sys.stderr)
+        code = 130  # as typer answers a plain Ctrl-C
     if code is None:
         code = 0
     elif not isinstance(code, int):

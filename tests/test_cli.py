@@ -261,3 +261,26 @@ def test_help_and_report_answer_without_loading_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe, str(out)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["0 0 True True", "[]"]
+
+
+def test_ctrl_c_inside_a_compiled_kernel_ends_any_command_with_130(tmp_path):
+    """Outside `kmgpu run` (which says more), a Ctrl-C that a numba kernel's call returns as a SystemError
+    ends the command as typer ends one on Ctrl-C, exit 130, with one line instead of a traceback."""
+    code = "\n".join([
+        "import importlib, sys, kmgpu.cli as cli",
+        "q = importlib.import_module('kmgpu.quantize')  # the module: kmgpu.quantize is also a function",
+        "def interrupted(*args, **kwargs):",
+        "    try:",
+        "        raise KeyboardInterrupt",
+        "    except KeyboardInterrupt as err:",
+        "        raise SystemError('returned a result with an exception set') from err",
+        "q.quantize = interrupted",
+        "sys.argv = ['kmgpu', 'compress', sys.argv[1], '-o', sys.argv[2]]",
+        "cli.console()",
+    ])  # fmt: skip
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    Image.new("RGB", (8, 8), (200, 30, 40)).save(src)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True, env=env)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == ["kmgpu: error: interrupted"] and not out.exists()
