@@ -857,21 +857,26 @@ def quantize_batch(
                 values = torch.stack(qualities).tolist()  # one transfer for the batch
                 for j, (q, s) in zip(on_device, values):
                     measured[j] = (q, s)
-        for i, pal, quality in zip(members, palettes, measured):
-            src = loaded[i]
-            t1 = time.perf_counter()
-            with stage(clock, "assign"):
-                colors = pal.colors.cpu().numpy()
-                indices = pal.indices.cpu().numpy().reshape(src.height, src.width)
-                if dithered:
-                    indices = _dither_fs(src.pixels, colors, indices)
-                elif dither == "fs":
-                    src.notes.append("dithering is not applied to images with transparency")
-                colors, indices = in_png_order(colors, indices)
-            seconds = share + time.perf_counter() - t1
+        t1 = time.perf_counter()
+        with stage(clock, "assign"):
+            maps = []  # (pixels, palette, indices) of each image
+            for i, pal in zip(members, palettes):
+                pixels = loaded[i].pixels
+                maps.append((pixels, pal.colors.cpu().numpy(), pal.indices.cpu().numpy().reshape(pixels.shape[:2])))
+            if dithered:  # a diffusion runs one pixel after another: the images of a batch go side by side
+                maps = cpu_kernels.run_threads(
+                    lambda job: (job[0], job[1], _dither_fs(*job)), maps, torch.get_num_threads()
+                )
+            elif dither == "fs":
+                for i in members:
+                    loaded[i].notes.append("dithering is not applied to images with transparency")
+            maps = [in_png_order(colors, indices) for _, colors, indices in maps]
+        each = (time.perf_counter() - t1) / len(members)
+        for i, pal, quality, (colors, indices) in zip(members, palettes, measured, maps):
             results[i] = QuantizedImage(
-                colors, indices, src, int(k), dither, seconds, pal.n_iter, quality, (colors.shape, colors.tobytes())
-            )
+                colors, indices, loaded[i], int(k), dither, share + each, pal.n_iter, quality,
+                (colors.shape, colors.tobytes()),
+            )  # fmt: skip
     return results  # type: ignore[return-value]
 
 
