@@ -843,11 +843,12 @@ if numba is not None:
 
         ``labels`` (H, W) is each pixel's undithered nearest entry. Rows
         alternate direction (serpentine). The error a pixel receives is
-        scaled by ``attenuation`` and by the pixel's flatness (1 - contrast / ``flat_below``, at least 0, the
-        contrast the largest of :func:`_contrast_row` in its 3 x 3
-        neighbourhood); its length is capped at ``cap_rms`` times the
-        undithered image's RMS error per pixel (at least ``cap_least``) and
-        ignored below ``dead``; the adjusted color is clipped to 0-255.
+        scaled by ``attenuation`` and by the pixel's flatness (1 - contrast
+        / ``flat_below``, at least 0, the contrast the largest of
+        :func:`_contrast_row` in its 3 x 3 neighbourhood); its length is
+        capped at ``cap_rms`` times the undithered image's RMS error per
+        pixel (at least ``cap_least``) and ignored below ``dead``; the
+        adjusted color is clipped to 0-255.
         """
         h, w, c = px.shape
         k = palette_u8.shape[0]
