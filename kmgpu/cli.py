@@ -422,6 +422,9 @@ def _print_summary(s: dict) -> None:
          f" (already done), {s.get('images_listed', 0):,} listed"),
         ("bytes", f"{s['bytes_in']:,} in, {s['bytes_out']:,} out, ratio {num(s['ratio'], '.2f')},"
          f" {num(s['bits_per_pixel'], '.2f')} bits per pixel"),
+        *([("larger", f"{s['images_larger']:,} {'image' if s['images_larger'] == 1 else 'images'} came out larger"
+           f" than {'its' if s['images_larger'] == 1 else 'their'} input, worst ratio {s['ratio_worst']:.2f}"
+           f" ({s['ratio_worst_image']})")] if s.get("images_larger") else []),
         ("PSNR", f"mean {num(s['psnr_mean'], '.2f')} dB, worst {num(s['psnr_worst'], '.2f')} dB"
          + (f" ({s['psnr_worst_image']})" if s.get("psnr_worst_image") else "")
          + (f", {s['lossless_images']} lossless" if s.get("lossless_images") else "")),

@@ -34,8 +34,9 @@ def read_manifest(path: Path) -> Iterator[dict]:
 
 def summarize(manifest: Path) -> dict:
     """Totals over a manifest, in one streaming pass."""
-    done = failed = pixels = bytes_in = bytes_out = 0
+    done = failed = pixels = bytes_in = bytes_out = larger = 0
     psnr_sum = ssim_sum = 0.0
+    worst_ratio, worst_ratio_of = math.inf, None
     n_psnr = lossless = 0
     worst_psnr = worst_ssim = math.inf
     worst_psnr_of = worst_ssim_of = None
@@ -47,6 +48,11 @@ def summarize(manifest: Path) -> dict:
         pixels += r["width"] * r["height"]
         bytes_in += r["bytes_in"]
         bytes_out += r["bytes_out"]
+        if r["bytes_out"] > r["bytes_in"]:  # a JPEG, say, that its palette PNG outweighs
+            larger += 1
+            ratio = r["bytes_in"] / r["bytes_out"]
+            if ratio < worst_ratio:
+                worst_ratio, worst_ratio_of = ratio, r["source"]
         if r["psnr"] is None:
             lossless += 1
         else:
@@ -65,6 +71,9 @@ def summarize(manifest: Path) -> dict:
         "bytes_out": bytes_out,
         "ratio": bytes_in / bytes_out if bytes_out else None,
         "bits_per_pixel": 8 * bytes_out / pixels if pixels else None,
+        "images_larger": larger,
+        "ratio_worst": worst_ratio if larger else None,
+        "ratio_worst_image": worst_ratio_of,
         "psnr_mean": psnr_sum / n_psnr if n_psnr else None,
         "psnr_worst": worst_psnr if n_psnr else None,
         "psnr_worst_image": worst_psnr_of,

@@ -90,6 +90,38 @@ def test_run_end_to_end(tmp_path):
     assert report.exit_code == 1 and "7 done, 3 failed" in report.output
 
 
+def test_outputs_larger_than_their_input_are_counted_and_named(tmp_path):
+    """A small JPEG's palette PNG can outweigh it: the summary counts such images and names the worst."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    base = photo((160, 120))
+    (src / "big.png").write_bytes(encoded(base, "PNG"))  # a lossless PNG: its palette PNG is smaller
+    (src / "q70.jpg").write_bytes(encoded(base, "JPEG", quality=70))
+    (src / "q20.jpg").write_bytes(encoded(base, "JPEG", quality=20))
+    result = run_cli(src, "--k", "64")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "photos_kmgpu"
+    sizes = {
+        p.name: (p.stat().st_size, (out / f"{p.name.rsplit('.', 1)[0]}.png").stat().st_size) for p in src.iterdir()
+    }
+    larger = {name for name, (size_in, size_out) in sizes.items() if size_out > size_in}
+    assert "big.png" not in larger and len(larger) >= 1  # the files themselves say which, not this test
+    worst = min(larger, key=lambda name: sizes[name][0] / sizes[name][1])
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["images_larger"] == len(larger)
+    assert summary["ratio_worst_image"] == str(src / worst)
+    assert summary["ratio_worst"] == pytest.approx(sizes[worst][0] / sizes[worst][1])
+    noun = "image" if len(larger) == 1 else "images"
+    assert f"larger  {len(larger)} {noun} came out larger than" in result.output and worst in result.output
+    assert f"{len(larger)} {noun} came out larger" in runner.invoke(app, ["report", str(out)]).output
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "big.png").write_bytes(encoded(base, "PNG"))
+    quiet = run_cli(alone, "--k", "64")
+    assert quiet.exit_code == 0 and "came out larger" not in quiet.output
+    assert json.loads((tmp_path / "alone_kmgpu" / SUMMARY).read_text())["images_larger"] == 0
+
+
 def test_batching_and_workers_do_not_change_a_byte(tmp_path):
     src = tmp_path / "photos"
     make_tree(src)
