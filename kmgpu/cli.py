@@ -58,6 +58,10 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+class _Said(typer.Exit):
+    """An exit whose reason the command has printed already (see :func:`console`)."""
+
+
 def _interrupted(err: BaseException | None) -> bool:
     """Whether ``err`` is a Ctrl-C: a KeyboardInterrupt, or the SystemError ("returned a result with an
     exception set") that a compiled numba kernel's call raises, with the KeyboardInterrupt as its cause,
@@ -351,7 +355,9 @@ def run_command(
         if not _interrupted(err):
             raise
         # The manifest holds every image finished so far, each output complete (written atomically).
-        _fail("interrupted: the images done so far are kept; the same command resumes from there", code=130)
+        typer.echo("kmgpu: error: interrupted: the images done so far are kept; the same command resumes from there",
+                   err=True)  # fmt: skip
+        raise _Said(130) from None
     if not result.is_main:  # under torchrun, rank 0 speaks (and exits) for the job
         raise typer.Exit(0)
     _print_failures(Path(result.summary["output"]))
@@ -511,17 +517,24 @@ def console() -> None:
     a quarter of a small run's wall time. By then every file kmgpu writes is closed and its
     workers have exited, so the streams are flushed and the process ends with the app's exit
     code. Errors the app does not handle still raise, with a traceback.
+
+    A Ctrl-C ends any command with exit 130 and one line: typer turns a plain one into a
+    silent exit 130, a compiled kernel's call returns it as a SystemError (see
+    :func:`_interrupted`), and ``kmgpu run`` says itself what it kept.
     """
     try:
         app(prog_name="kmgpu")
         code = 0
     except SystemExit as done:
         code = done.code
-    except SystemError as err:  # a Ctrl-C that landed inside a compiled kernel (see _interrupted)
+        if _interrupted(done.__context__) and not isinstance(done.__context__, _Said):
+            print("kmgpu: error: interrupted", file=sys.stderr)
+            code = 130
+    except (KeyboardInterrupt, SystemError) as err:
         if not _interrupted(err):
             raise
         print("kmgpu: error: interrupted", file=sys.stderr)
-        code = 130  # as typer answers a plain Ctrl-C
+        code = 130
     if code is None:
         code = 0
     elif not isinstance(code, int):

@@ -263,17 +263,22 @@ def test_help_and_report_answer_without_loading_torch(tmp_path):
     assert done.stdout.splitlines() == ["0 0 True True", "[]"]
 
 
-def test_ctrl_c_inside_a_compiled_kernel_ends_any_command_with_130(tmp_path):
-    """Outside `kmgpu run` (which says more), a Ctrl-C that a numba kernel's call returns as a SystemError
-    ends the command as typer ends one on Ctrl-C, exit 130, with one line instead of a traceback."""
+@pytest.mark.parametrize("inside_a_kernel", [False, True])
+def test_ctrl_c_ends_any_command_with_130_and_one_line(tmp_path, inside_a_kernel):
+    """Outside `kmgpu run` (which says more), a Ctrl-C ends a command with exit 130 and one line, not a
+    traceback nor silence: a plain one (typer's answer is a silent 130), or one that a numba kernel's
+    call returns as a SystemError."""
     code = "\n".join([
         "import importlib, sys, kmgpu.cli as cli",
         "q = importlib.import_module('kmgpu.quantize')  # the module: kmgpu.quantize is also a function",
+        "in_kernel = sys.argv[3] == 'True'",
         "def interrupted(*args, **kwargs):",
         "    try:",
         "        raise KeyboardInterrupt",
         "    except KeyboardInterrupt as err:",
-        "        raise SystemError('returned a result with an exception set') from err",
+        "        if in_kernel:",
+        "            raise SystemError('returned a result with an exception set') from err",
+        "        raise",
         "q.quantize = interrupted",
         "sys.argv = ['kmgpu', 'compress', sys.argv[1], '-o', sys.argv[2]]",
         "cli.console()",
@@ -281,6 +286,28 @@ def test_ctrl_c_inside_a_compiled_kernel_ends_any_command_with_130(tmp_path):
     src, out = tmp_path / "in.png", tmp_path / "out.png"
     Image.new("RGB", (8, 8), (200, 30, 40)).save(src)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True, env=env)
+    args = [sys.executable, "-c", code, str(src), str(out), str(inside_a_kernel)]
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
     assert done.returncode == 130, done.stderr
     assert done.stderr.splitlines() == ["kmgpu: error: interrupted"] and not out.exists()
+
+
+def test_ctrl_c_in_run_is_said_once(tmp_path):
+    """`kmgpu run` says what it kept on a Ctrl-C; the command line adds no second line."""
+    code = "\n".join([
+        "import sys, kmgpu.cli as cli, kmgpu.pipeline as pipeline",
+        "def interrupted(*args, **kwargs):",
+        "    raise KeyboardInterrupt",
+        "pipeline.run = interrupted",
+        "sys.argv = ['kmgpu', 'run', sys.argv[1], '--device', 'cpu']",
+        "cli.console()",
+    ])  # fmt: skip
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 40)).save(src / "a.png")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, env=env)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == [
+        "kmgpu: error: interrupted: the images done so far are kept; the same command resumes from there"
+    ]
