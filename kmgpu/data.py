@@ -131,6 +131,13 @@ class DoneSet:
     def __init__(self, rels=()):
         self.keys = np.unique(np.fromiter((item_key(r) for r in rels), dtype=np.int64))
 
+    @classmethod
+    def from_keys(cls, keys) -> DoneSet:
+        """The set of the outputs whose :func:`item_key` are ``keys`` (any int64 sequence)."""
+        done = cls()
+        done.keys = np.unique(np.asarray(keys, dtype=np.int64))
+        return done
+
     def __len__(self) -> int:
         return int(self.keys.size)
 

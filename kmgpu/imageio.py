@@ -20,6 +20,7 @@ animated images give their first frame with a note.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -27,8 +28,10 @@ import tempfile
 import threading
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -43,6 +46,7 @@ __all__ = [
     "from_pil",
     "normalize_alpha",
     "write_atomic",
+    "atomic_file",
     "sample_paths",
     "SAMPLES_DIR",
 ]
@@ -247,6 +251,19 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> int:
     those of the file it replaces), not the temporary's 0600.
     Returns the number of bytes written.
     """
+    with atomic_file(path) as f:
+        f.write(data)
+    return len(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, text: bool = False) -> Iterator[IO]:
+    """A file to write ``path`` through, in pieces: :func:`write_atomic` for what does not fit in memory.
+
+    Written to a temporary file beside ``path`` and renamed into place when the
+    block ends; if it raises, ``path`` is left as it was and the temporary removed.
+    ``text``: a UTF-8 text file (newlines as written), else binary.
+    """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -256,15 +273,14 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         os.chmod(tmp, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return len(data)
 
 
 def png_palette(palette: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

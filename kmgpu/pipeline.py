@@ -26,6 +26,7 @@ import platform
 import sys
 import time
 import warnings
+from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,10 +51,10 @@ from .data import (
 )
 from .device import resolve_device
 from .distributed import from_environment, pixel_shard
-from .imageio import write_atomic
+from .imageio import atomic_file, write_atomic
 from .metrics import bits_per_pixel
 from .quantize import QuantizedImage, quantize_batch
-from .records import MANIFEST, SUMMARY, read_manifest, summarize
+from .records import MANIFEST, SUMMARY, read_manifest, sorted_records, summarize
 from .timing import StageClock
 
 __all__ = ["MANIFEST", "SUMMARY", "RunError", "RunResult", "run", "default_output", "summarize", "read_manifest"]
@@ -145,14 +146,17 @@ def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
     _fold_rank_parts(out)
     if not manifest.exists():
         return DoneSet()
-    # Keep the lines of the images that are done (recorded ok, output present), once each.
-    kept, seen = [], set()
-    for record in read_manifest(manifest):
-        if record["output"] not in seen and _is_done(out, record):
-            seen.add(record["output"])
-            kept.append(json.dumps(record))
-    write_atomic(manifest, "".join(line + "\n" for line in kept).encode())
-    return DoneSet(seen)
+    # Keep the lines of the images that are done (recorded ok, output present), once each (the
+    # first), in walk order; streamed, so memory does not grow with the number of images.
+    keys, kept = array("q"), None
+    with atomic_file(manifest, text=True) as f:
+        for record in sorted_records(manifest, _order_key):
+            at = _order_key(record)
+            if at != kept and _is_done(out, record):
+                kept = at
+                keys.append(item_key(record["output"]))
+                f.write(json.dumps(record) + "\n")
+    return DoneSet.from_keys(keys)
 
 
 def _rank_part(out: Path, rank: int) -> Path:
@@ -186,7 +190,8 @@ def _finalize_manifest(manifest: Path) -> None:
     """Leave one line per image, in walk order: what an uninterrupted run writes.
 
     An uninterrupted run already appends in order, and is checked in one
-    streaming pass; only a resumed run is read whole and sorted.
+    streaming pass; a resumed run is sorted (in runs on disk, when long: see
+    :func:`kmgpu.records.sorted_records`), each image's last record kept.
     """
     previous, ordered = None, True
     for record in read_manifest(manifest):
@@ -197,9 +202,15 @@ def _finalize_manifest(manifest: Path) -> None:
         previous = key
     if ordered:
         return
-    latest = {record["output"]: record for record in read_manifest(manifest)}
-    lines = sorted(latest.values(), key=_order_key)
-    write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in lines).encode())
+    with atomic_file(manifest, text=True) as f:
+        pending, at = None, None
+        for record in sorted_records(manifest, _order_key):
+            key = _order_key(record)
+            if pending is not None and key != at:
+                f.write(json.dumps(pending) + "\n")
+            pending, at = record, key
+        if pending is not None:
+            f.write(json.dumps(pending) + "\n")
 
 
 def _versions(device: torch.device) -> dict:

@@ -5,12 +5,15 @@ Reading them needs neither torch nor numba, so ``kmgpu report`` answers at once.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MANIFEST", "SUMMARY", "read_manifest", "summarize"]
+__all__ = ["MANIFEST", "SUMMARY", "read_manifest", "sorted_records", "summarize"]
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
@@ -18,6 +21,12 @@ SUMMARY = "summary.json"
 
 def read_manifest(path: Path) -> Iterator[dict]:
     """The records of a manifest; a torn last line (a killed run) is skipped."""
+    for _line, record in _manifest_lines(path):
+        yield record
+
+
+def _manifest_lines(path: Path) -> Iterator[tuple[str, dict]]:
+    """Each record of a manifest with its line (newline ended), as :func:`read_manifest` reads them."""
     try:
         f = open(path, encoding="utf-8")
     except FileNotFoundError:
@@ -29,7 +38,82 @@ def read_manifest(path: Path) -> Iterator[dict]:
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict) and "output" in record:
+                yield (line if line.endswith("\n") else line + "\n"), record
+
+
+# A manifest longer than this many records is sorted in runs of it (their lines and keys, about
+# 40 MB, in memory), spilled beside it and merged, so that sorting the manifest of millions of
+# images takes no more memory than that.
+SORT_CHUNK = 50_000
+# Runs merged at most at once (open files); more are first merged into one.
+_MAX_SPILLS = 64
+
+
+def sorted_records(path: Path, key: Callable[[dict], Any]) -> Iterator[dict]:
+    """The records of a manifest sorted by ``key``, records of equal keys in file order.
+
+    A manifest of up to :data:`SORT_CHUNK` records is sorted in memory; a
+    longer one in sorted runs of that many, written beside it as hidden
+    ``.tmp`` files (which the next run removes, should this one be killed)
+    and merged as they are read back.
+    """
+    spills: list[Path] = []
+    try:
+        chunk: list[tuple[Any, str]] = []
+        for line, record in _manifest_lines(path):
+            chunk.append((key(record), line))
+            if len(chunk) == SORT_CHUNK:
+                chunk.sort(key=_first)  # stable: equal keys stay in file order
+                _spill((line for _, line in chunk), path, spills)
+                chunk = []
+                if len(spills) == _MAX_SPILLS:
+                    _merge_spills(spills, path, key)
+        chunk.sort(key=_first)
+        if not spills:
+            for _, line in chunk:
+                yield json.loads(line)
+            return
+        _spill((line for _, line in chunk), path, spills)
+        del chunk
+        with contextlib.ExitStack() as files:
+            for _, record, _ in _merged(spills, key, files):
                 yield record
+    finally:
+        for spilled in spills:
+            spilled.unlink(missing_ok=True)
+
+
+def _first(pair: tuple) -> Any:
+    return pair[0]
+
+
+def _merged(spills: list[Path], key: Callable[[dict], Any], files: contextlib.ExitStack) -> Iterator[tuple]:
+    """(key, record, line) of the sorted spill files, merged in order; ties: the earlier file first."""
+
+    def read(spilled: Path) -> Iterator[tuple]:
+        for line in files.enter_context(open(spilled, encoding="utf-8")):
+            record = json.loads(line)
+            yield key(record), record, line
+
+    return heapq.merge(*map(read, spills), key=_first)
+
+
+def _spill(lines: Iterable[str], path: Path, spills: list[Path]) -> None:
+    """Write sorted manifest ``lines`` to the next spill file of ``path``'s sort, listed in ``spills``."""
+    spilled = path.with_name(f".{path.name}.{id(spills)}.{len(spills)}.tmp")
+    spills.append(spilled)
+    with open(spilled, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def _merge_spills(spills: list[Path], path: Path, key: Callable[[dict], Any]) -> None:
+    """Merge every spill file into one, in order, which takes their place in ``spills``."""
+    merged: list[Path] = []
+    with contextlib.ExitStack() as files:
+        _spill((line for _, _, line in _merged(spills, key, files)), path, merged)
+    for spilled in spills:
+        spilled.unlink(missing_ok=True)
+    spills[:] = merged
 
 
 def summarize(manifest: Path) -> dict:

@@ -9,11 +9,19 @@ bytes a pixel: the decoded image and its palette indices), not that it grows.
 
     python scripts/bench_memory.py                  # 3, 12 and 48 MP, k=64
     python scripts/bench_memory.py --megapixels 3,12
+    python scripts/bench_memory.py --megapixels "" --manifests 10000,100000,400000
+
+``--manifests``: the memory of resuming a run of that many images. A folder of that many
+(empty) outputs and a manifest of their records in two sorted runs, as a killed and resumed
+run leaves it; a fresh process then prepares the resume (drops what is not done, sorts) and
+finalizes the manifest, as ``kmgpu run`` does, and its peak RSS above one that only imports
+kmgpu's run loop is printed. Flat means the sort spills to disk rather than hold the records.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -40,12 +48,57 @@ def build_photo(path: Path, megapixels: float, seed: int = 0) -> tuple[int, int]
     return size
 
 
+def build_run(out: Path, n: int) -> None:
+    """``n`` outputs (empty files) under ``out`` and a manifest of their records, odd ones after even ones."""
+    lines = []
+    for i in range(n):
+        rel = f"d{i // 1000:05d}/img_{i:08d}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).touch()
+        record = {"source": f"/data/photos/{rel[:-4]}.jpg", "output": rel, "src": 0, "input": f"{rel[:-4]}.jpg",
+                  "width": 640, "height": 480, "k": 64, "colors": 64, "bytes_in": 123456, "bytes_out": 65432,
+                  "ratio": 1.8868, "bpp": 1.7039, "psnr": 38.1234, "ssim": 0.961234, "ms": 71.23, "status": "ok",
+                  "error": None, "notes": None}  # fmt: skip
+        lines.append(json.dumps(record) + "\n")
+    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(lines[::2] + lines[1::2])
+
+
+def resume_child(out: Path, n: int) -> None:
+    """What a resumed ``kmgpu run`` does to the records of ``out`` before and after its loop."""
+    from kmgpu import pipeline
+    from kmgpu.config import RunConfig
+
+    config = RunConfig()
+    (out / pipeline.SETTINGS).write_text(json.dumps({key: getattr(config, key) for key in pipeline.OUTPUT_SETTINGS}))
+    done = pipeline._prepare_output(out, config, resume=True, overwrite=False)
+    pipeline._finalize_manifest(out / pipeline.MANIFEST)
+    if len(done) != n or sum(1 for _ in pipeline.read_manifest(out / pipeline.MANIFEST)) != n:
+        sys.exit(f"expected {n} images done and recorded, found {len(done)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--megapixels", default="3,12,48")
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--manifests", default="", help="comma-separated image counts of resumed runs")
+    ap.add_argument("--resume-child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--images", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.resume_child:
+        return resume_child(args.resume_child, args.images)
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    if args.manifests:
+        _, base, _ = peak_rss_of([sys.executable, "-c", "import kmgpu.pipeline"], env)
+        print(f"resuming a run: baseline (kmgpu.pipeline imported) {base:,.0f} MiB")
+        print(f"{'images':>10} {'peak MiB':>10} {'above base':>11} {'wall s':>7}")
+        for n in (int(v) for v in args.manifests.split(",")):
+            with tempfile.TemporaryDirectory() as tmp:
+                build_run(Path(tmp), n)
+                wall, rss, _ = peak_rss_of([sys.executable, __file__, "--resume-child", tmp, "--images", str(n)], env)
+                print(f"{n:>10,} {rss:>10,.0f} {rss - base:>11,.0f} {wall:>7.1f}")
+    if not args.megapixels:
+        return
     _, base, _ = peak_rss_of([sys.executable, "-c", "import torch, kmgpu.quantize"], env)
     print(f"baseline (python + torch + kmgpu imported): {base:,.0f} MiB")
     print(f"{'image':>14} {'MP':>6} {'peak MiB':>10} {'above base':>11} {'bytes/pixel':>12} {'wall s':>7}")

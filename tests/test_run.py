@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import kmgpu.records
 from kmgpu.cli import app
 from kmgpu.pipeline import MANIFEST, SUMMARY, read_manifest
 
@@ -238,6 +239,31 @@ def test_half_written_and_missing_outputs_are_redone(tmp_path):
     now = {r["output"]: r for r in records(out)}
     assert list(now) == list(first)
     assert now["a.png.png"]["bytes_out"] == first["a.png.png"]["bytes_out"]
+
+
+def test_a_resumed_manifest_sorted_on_disk_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    """A resume sorts the manifest in runs spilled to disk when it is long (here: longer than 2 lines):
+    out of order, with an image's failure recorded before its success, a lost output and a lost line,
+    it still ends as the uninterrupted run's manifest, one line per image in walk order."""
+    src = tmp_path / "photos"
+    make_tree(src)
+    out = tmp_path / "o"
+    assert run_cli(src, "--out", out, "--k", "8").exit_code == 1
+    whole = comparable(out)
+    lines = (out / MANIFEST).read_text().splitlines()
+    assert json.loads(lines[0])["status"] == "ok"
+    failed_first = {**json.loads(lines[0]), "status": "error", "error": "an earlier try", "bytes_out": None}
+    ok = [line for line in lines if json.loads(line)["status"] == "ok"]
+    (out / json.loads(ok[2])["output"]).unlink()  # an output lost: that image is done again
+    scrambled = [json.dumps(failed_first)] + [line for line in lines[::-1] if line != ok[4]]  # and a line lost
+    (out / MANIFEST).write_text("\n".join(scrambled) + "\n")
+    monkeypatch.setattr(kmgpu.records, "SORT_CHUNK", 2)
+    again = run_cli(src, "--out", out, "--k", "8")
+    assert again.exit_code == 1
+    assert comparable(out) == whole
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["images_skipped"] == 5 and summary["images_processed"] == 5  # 2 redone, 3 broken files
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_config_precedence_and_unknown_keys(tmp_path):
