@@ -54,7 +54,7 @@ from .distributed import from_environment, pixel_shard
 from .imageio import atomic_file, write_atomic
 from .metrics import bits_per_pixel
 from .quantize import QuantizedImage, quantize_batch
-from .records import MANIFEST, SUMMARY, read_manifest, sorted_records, summarize
+from .records import MANIFEST, SUMMARY, in_order, read_manifest, sorted_records, summarize
 from .timing import StageClock
 
 __all__ = ["MANIFEST", "SUMMARY", "RunError", "RunResult", "run", "default_output", "summarize", "read_manifest"]
@@ -193,14 +193,7 @@ def _finalize_manifest(manifest: Path) -> None:
     streaming pass; a resumed run is sorted (in runs on disk, when long: see
     :func:`kmgpu.records.sorted_records`), each image's last record kept.
     """
-    previous, ordered = None, True
-    for record in read_manifest(manifest):
-        key = _order_key(record)
-        if previous is not None and key <= previous:
-            ordered = False
-            break
-        previous = key
-    if ordered:
+    if in_order(manifest, _order_key, strict=True):
         return
     with atomic_file(manifest, text=True) as f:
         pending, at = None, None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST", "SUMMARY", "read_manifest", "sorted_records", "summarize"]
+__all__ = ["MANIFEST", "SUMMARY", "in_order", "read_manifest", "sorted_records", "summarize"]
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
@@ -52,11 +52,15 @@ _MAX_SPILLS = 64
 def sorted_records(path: Path, key: Callable[[dict], Any]) -> Iterator[dict]:
     """The records of a manifest sorted by ``key``, records of equal keys in file order.
 
-    A manifest of up to :data:`SORT_CHUNK` records is sorted in memory; a
-    longer one in sorted runs of that many, written beside it as hidden
-    ``.tmp`` files (which the next run removes, should this one be killed)
-    and merged as they are read back.
+    A manifest already in order (one run, interrupted once) is read as it
+    is. Otherwise one of up to :data:`SORT_CHUNK` records is sorted in
+    memory; a longer one in sorted runs of that many, written beside it as
+    hidden ``.tmp`` files (which the next run removes, should this one be
+    killed) and merged as they are read back.
     """
+    if in_order(path, key):
+        yield from read_manifest(path)
+        return
     spills: list[Path] = []
     try:
         chunk: list[tuple[Any, str]] = []
@@ -81,6 +85,18 @@ def sorted_records(path: Path, key: Callable[[dict], Any]) -> Iterator[dict]:
     finally:
         for spilled in spills:
             spilled.unlink(missing_ok=True)
+
+
+def in_order(path: Path, key: Callable[[dict], Any], strict: bool = False) -> bool:
+    """Whether the records of a manifest come in order of ``key`` (``strict``: and no two keys equal),
+    in one streaming pass."""
+    previous = None
+    for record in read_manifest(path):
+        at = key(record)
+        if previous is not None and (at <= previous if strict else at < previous):
+            return False
+        previous = at
+    return True
 
 
 def _first(pair: tuple) -> Any:

@@ -48,3 +48,21 @@ def test_spills_are_removed_when_the_reader_stops_early(tmp_path, monkeypatch):
     assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 8  # 30 records in runs of 4
     reader.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl"]
+
+
+def test_a_manifest_in_order_is_read_as_it_is(tmp_path, monkeypatch):
+    """One run interrupted once leaves its manifest in order: nothing to sort, nothing spilled."""
+    monkeypatch.setattr(records, "SORT_CHUNK", 3)
+    manifest = tmp_path / "manifest.jsonl"
+    rows = sorted(shuffled_rows(1, 30), key=by_output)  # equal keys included, in file order
+    write_manifest(manifest, rows)
+    assert records.in_order(manifest, by_output) and not records.in_order(manifest, by_output, strict=True)
+    reader = sorted_records(manifest, by_output)
+    assert next(reader) == rows[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl"]
+    assert [next(reader)] + list(reader) == rows[1:]
+    write_manifest(manifest, rows[::-1])
+    assert not records.in_order(manifest, by_output)
+    unique = {r["output"]: r for r in rows}.values()
+    write_manifest(manifest, list(unique))
+    assert records.in_order(manifest, by_output, strict=True)
