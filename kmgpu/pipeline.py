@@ -99,6 +99,12 @@ def _check_sources(sources: list[Path], out: Path) -> None:
             raise RunError(f"--out {out} is the source file itself")
 
 
+def os_reason(err: OSError) -> str:
+    """An OSError in a few words: its reason and, where it names one, the path (no errno number)."""
+    reason = err.strerror or str(err)
+    return f"{reason} ({err.filename})" if err.filename else reason
+
+
 def _order_key(record: dict) -> tuple:
     return (record.get("src", 0), *str(record.get("input", "")).split("/"))
 
@@ -421,6 +427,8 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
             done = _prepare_output(out, config, resume=resume, overwrite=overwrite)
     except RunError as err:
         problem = str(err)
+    except OSError as err:  # a path that cannot be a folder, no permission, no space
+        problem = f"--out {out}: cannot be written: {os_reason(err)}"
     problems = [p for p in ctx.gather(problem) if p]
     if problems:
         raise RunError(problems[0])

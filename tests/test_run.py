@@ -328,6 +328,42 @@ def test_usage_errors_and_empty_folder(tmp_path):
     assert two.exit_code == 2 and "several sources need --out" in two.output
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """An --out that cannot be made (under a file) is a usage error; the disk filling up mid-run is exit 1.
+    One line each, no traceback, and the resumed run then ends as an uninterrupted one."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(3):
+        photo((40 + i, 30)).save(src / f"p{i}.png")
+    (tmp_path / "a file").write_bytes(b"x")
+    bad = tmp_path / "a file" / "out"
+    under_a_file = run_cli(src, "--out", bad)
+    assert under_a_file.exit_code == 2
+    assert under_a_file.output.splitlines() == [
+        f"kmgpu: error: --out {bad}: cannot be written: Not a directory ({bad})"
+    ]
+    full, real = tmp_path / "full", kmgpu.pipeline.write_atomic
+
+    def no_space(path, data):
+        if Path(path).name == SUMMARY:  # the images are written, the summary is not
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(kmgpu.pipeline, "write_atomic", no_space)
+    stopped = run_cli(src, "--out", full)
+    assert stopped.exit_code == 1 and "Traceback" not in stopped.output
+    assert stopped.output.splitlines() == [
+        "kmgpu: error: cannot write: No space left on device; the images done so far are kept, the same command resumes"
+    ]
+    assert len(records(full)) == 3 and not (full / SUMMARY).exists()
+    monkeypatch.setattr(kmgpu.pipeline, "write_atomic", real)
+    resumed = run_cli(src, "--out", full)
+    assert resumed.exit_code == 0 and "0 done" not in resumed.output
+    assert json.loads((full / SUMMARY).read_text())["images_skipped"] == 3
+    assert run_cli(src, "--out", tmp_path / "whole").exit_code == 0
+    assert comparable(full) == comparable(tmp_path / "whole")
+
+
 def test_foreign_folder_and_start_over(tmp_path):
     src = tmp_path / "photos"
     src.mkdir()
