@@ -53,6 +53,20 @@ def main(
     keep_freed_memory()  # image after image reuses its buffers' pages (see kmgpu/allocator.py)
 
 
+def _folder_error(folder: Path, what: str) -> str | None:
+    """Why ``folder`` (made if missing) cannot take a command's outputs, or None when it can; ``what``:
+    the option and value that named it."""
+    from .imageio import os_reason
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"{what}: cannot be written: {folder} is not a folder"
+    except OSError as err:
+        return f"{what}: cannot be written: {os_reason(err)}"
+    return None
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"kmgpu: error: {message}", err=True)
     raise typer.Exit(code)
@@ -242,6 +256,7 @@ def sweep(
     for note in src.notes:
         _note(f"{image}: {note}")
     out = out_dir if out_dir is not None else Path(f"{image.stem}-sweep")
+    _check(_folder_error(out, f"--out-dir {out}"))
     lossless = lossless_png_bytes(src.pixels)
     typer.echo(
         f"{image.name}: {src.width}x{src.height} {src.mode}, {src.bytes_in:,} bytes "
@@ -338,7 +353,8 @@ def run_command(
     """
     from .config import ConfigError, load_config
     from .device import DeviceError
-    from .pipeline import RunError, os_reason, run
+    from .imageio import os_reason
+    from .pipeline import RunError, run
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(nproc)
@@ -491,7 +507,7 @@ def bench(
     import torch
 
     from .bench import format_report, run_bench, to_json
-    from .imageio import write_atomic
+    from .imageio import os_reason, write_atomic
 
     ks = _parse_ks(k)
     devices = []
@@ -504,10 +520,15 @@ def bench(
         _fail(f"--device {device!r}: no device to measure")
     if images is not None and not images.is_dir():
         _fail(f"--images {images}: not a folder")
+    if json_path is not None:
+        _check(_folder_error(json_path.parent, f"--json {json_path}"))
     result = run_bench(devices, ks, images=images, quick=quick, progress=progress)
     typer.echo(format_report(result))
     if json_path is not None:
-        write_atomic(json_path, to_json(result).encode())
+        try:
+            write_atomic(json_path, to_json(result).encode())
+        except OSError as err:
+            _fail(f"--json {json_path}: cannot write: {os_reason(err)}", code=1)
         typer.echo(f"\nwrote {json_path}")
 
 
@@ -518,7 +539,8 @@ def console() -> None:
     after the last line was printed (measured on 2 cores; either library alone: 0.1-0.2 s),
     a quarter of a small run's wall time. By then every file kmgpu writes is closed and its
     workers have exited, so the streams are flushed and the process ends with the app's exit
-    code. Errors the app does not handle still raise, with a traceback.
+    code. An OSError a command does not handle (an output it could not write) is one line
+    and exit 1; other errors the app does not handle still raise, with a traceback.
 
     A Ctrl-C ends any command with exit 130 and one line: typer turns a plain one into a
     silent exit 130, a compiled kernel's call returns it as a SystemError (see
@@ -537,6 +559,11 @@ def console() -> None:
             raise
         print("kmgpu: error: interrupted", file=sys.stderr)
         code = 130
+    except OSError as err:  # an output a command could not write: a full disk, a folder gone
+        from .imageio import os_reason
+
+        print(f"kmgpu: error: cannot write: {os_reason(err)}", file=sys.stderr)
+        code = 1
     if code is None:
         code = 0
     elif not isinstance(code, int):

@@ -47,6 +47,7 @@ __all__ = [
     "normalize_alpha",
     "write_atomic",
     "atomic_file",
+    "os_reason",
     "sample_paths",
     "SAMPLES_DIR",
 ]
@@ -254,6 +255,12 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> int:
     with atomic_file(path) as f:
         f.write(data)
     return len(data)
+
+
+def os_reason(err: OSError) -> str:
+    """An OSError in a few words: its reason and, where it names one, the path (no errno number)."""
+    reason = err.strerror or str(err)
+    return f"{reason} ({err.filename})" if err.filename else reason
 
 
 @contextlib.contextmanager

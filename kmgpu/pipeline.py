@@ -51,7 +51,7 @@ from .data import (
 )
 from .device import resolve_device
 from .distributed import from_environment, pixel_shard
-from .imageio import atomic_file, write_atomic
+from .imageio import atomic_file, os_reason, write_atomic
 from .metrics import bits_per_pixel
 from .quantize import QuantizedImage, quantize_batch
 from .records import MANIFEST, SUMMARY, in_order, read_manifest, sorted_records, summarize
@@ -97,12 +97,6 @@ def _check_sources(sources: list[Path], out: Path) -> None:
             raise RunError(f"--out {out} is inside the source {src}: choose a folder outside it")
         if src_r.is_file() and out_r == src_r:
             raise RunError(f"--out {out} is the source file itself")
-
-
-def os_reason(err: OSError) -> str:
-    """An OSError in a few words: its reason and, where it names one, the path (no errno number)."""
-    reason = err.strerror or str(err)
-    return f"{reason} ({err.filename})" if err.filename else reason
 
 
 def _order_key(record: dict) -> tuple:

@@ -219,6 +219,38 @@ def test_sweep_of_a_broken_file(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
+    """A folder for outputs under a file is a usage error before any work; a write that fails later (a full
+    disk) ends the command with one line and exit 1, not a traceback."""
+    src = tmp_path / "p.png"
+    photo().save(src)
+    (tmp_path / "a file").write_bytes(b"x")
+    bad = tmp_path / "a file" / "o"
+    swept = runner.invoke(app, ["sweep", str(src), "--k", "4", "--out-dir", str(bad)])
+    assert swept.exit_code == 2
+    assert swept.output.splitlines() == [f"kmgpu: error: --out-dir {bad}: cannot be written: Not a directory ({bad})"]
+    report = tmp_path / "a file" / "b.json"
+    benched = runner.invoke(app, ["bench", "--device", "cpu", "--quick", "--json", str(report)])
+    assert benched.exit_code == 2
+    assert benched.output.splitlines() == [
+        f"kmgpu: error: --json {report}: cannot be written: {report.parent} is not a folder"
+    ]
+    code = "\n".join([
+        "import sys, kmgpu.cli as cli, kmgpu.report as report",
+        "def full(*args, **kwargs):",
+        "    raise OSError(28, 'No space left on device')",
+        "report.write_csv = full",
+        "sys.argv = ['kmgpu', 'sweep', sys.argv[1], '--k', '4', '--out-dir', sys.argv[2], '--device', 'cpu']",
+        "cli.console()",
+    ])  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "o"
+    done = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == ["kmgpu: error: cannot write: No space left on device"]
+    assert (out / "p-k4.png").is_file() and not (out / "sweep.csv").exists()
+
+
 def test_the_console_command_exits_with_the_app_code_and_flushed_output(tmp_path):
     """``kmgpu`` (``cli.console``) ends with os._exit: the output must be complete and the codes the app's."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
