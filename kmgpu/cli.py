@@ -191,6 +191,10 @@ def compress(
 
 
 def _one_line(err: Exception, src: Path) -> str:
+    if isinstance(err, OSError) and err.strerror:  # an output that could not be written
+        from .imageio import os_reason
+
+        return f"{src}: cannot write: {os_reason(err)}"
     text = " ".join(str(err).split())
     return text if text.startswith(str(src)) or text.startswith(str(src.name)) else f"{src}: {text}"
 

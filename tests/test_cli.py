@@ -229,6 +229,9 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
     swept = runner.invoke(app, ["sweep", str(src), "--k", "4", "--out-dir", str(bad)])
     assert swept.exit_code == 2
     assert swept.output.splitlines() == [f"kmgpu: error: --out-dir {bad}: cannot be written: Not a directory ({bad})"]
+    compressed = runner.invoke(app, ["compress", str(src), "--out-dir", str(bad), "--device", "cpu"])
+    assert compressed.exit_code == 1
+    assert compressed.output.splitlines()[-1] == f"kmgpu: error: {src}: cannot write: Not a directory ({bad})"
     report = tmp_path / "a file" / "b.json"
     benched = runner.invoke(app, ["bench", "--device", "cpu", "--quick", "--json", str(report)])
     assert benched.exit_code == 2
