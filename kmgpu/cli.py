@@ -293,11 +293,16 @@ def sweep(
     write_csv(out / "sweep.csv", rows)
     save_image(contact_sheet(tiles), out / "sheet.png")
     written = ["sweep.csv", "sheet.png"]
-    if sweep_chart(rows, f"{image.name}: PSNR and size against k", out / "chart.png"):
+    if sweep_chart(rows, f"{_shown(image.name)}: PSNR and size against k", out / "chart.png"):
         written.append("chart.png")
     else:
         _note("matplotlib is not installed, so chart.png was not drawn: pip install 'kmgpu[plot]'")
     typer.echo(f"wrote {', '.join(written)} and {len(ks)} PNGs to {out}/")
+
+
+def _shown(name: str) -> str:
+    """A file name fit to draw: bytes that are not UTF-8 (surrogates from the OS) as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _db(value: float) -> str:
@@ -536,6 +541,19 @@ def bench(
         typer.echo(f"\nwrote {json_path}")
 
 
+def _paths_print_as_named() -> None:
+    """Let stdout and stderr print any file name. A name that is not UTF-8 reaches Python with its
+    bytes as lone surrogates, which a strict UTF-8 stream (an en_US.UTF-8 locale, PYTHONIOENCODING)
+    refuses with a traceback: on UTF-8 streams they go out as the bytes they were, as ``ls`` shows
+    them; on others, unprintable characters become ``?``."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            utf8 = (stream.encoding or "").lower().replace("-", "") == "utf8"
+            stream.reconfigure(errors="surrogateescape" if utf8 else "replace")
+        except (AttributeError, ValueError):  # not a TextIOWrapper: leave it be
+            pass
+
+
 def console() -> None:
     """The ``kmgpu`` command: the app, then a direct exit, without the interpreter's teardown.
 
@@ -550,6 +568,7 @@ def console() -> None:
     silent exit 130, a compiled kernel's call returns it as a SystemError (see
     :func:`_interrupted`), and ``kmgpu run`` says itself what it kept.
     """
+    _paths_print_as_named()
     try:
         app(prog_name="kmgpu")
         code = 0

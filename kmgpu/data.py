@@ -122,7 +122,9 @@ def _walk(index: int, folder: Path, rel: str, order: tuple, on_error) -> Iterato
 
 def item_key(rel: str) -> int:
     """A stable 63-bit key of an output path: the image's own random stream (see kmgpu.kmeans)."""
-    return int.from_bytes(hashlib.blake2b(rel.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+    # A name that is not UTF-8 comes from the OS with its bytes as surrogates: hashed as those bytes.
+    digest = hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class DoneSet:

@@ -277,7 +277,9 @@ def atomic_file(path: str | os.PathLike, text: bool = False) -> Iterator[IO]:
         mode = stat.S_IMODE(dest.stat().st_mode)
     except OSError:
         mode = 0o666 & ~_umask()  # as open() would make it; mkstemp's temporaries are 0600
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    # Hidden and ending .tmp, which a resumed run removes; the name cut short so that the temporary's
+    # stays within the 255 bytes a file name may have wherever the file's own does.
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=".tmp", dir=dest.parent)
     try:
         os.chmod(tmp, mode)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb") as f:

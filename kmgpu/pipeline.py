@@ -120,27 +120,32 @@ def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
     settings = {key: getattr(config, key) for key in OUTPUT_SETTINGS}
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
-    if manifest.exists():
+    # A run leaves its settings first, its manifest as images are done: either marks a kmgpu run
+    # (one killed before its first image has only the settings).
+    if manifest.exists() or (out / SETTINGS).exists():
         if not resume:
             if not overwrite:
                 raise RunError(f"{out} holds a previous run: --resume finishes it, --overwrite starts over")
-            manifest.unlink()
-            return DoneSet()
-        try:
-            before = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            before = None
-        if isinstance(before, dict) and before != settings:
-            changed = ", ".join(
-                f"{key}={before.get(key)!r}" for key in OUTPUT_SETTINGS if before.get(key) != settings[key]
-            )
-            raise RunError(
-                f"{out} was made with other settings ({changed}): rerun with them to resume, "
-                "or pass --no-resume --overwrite to start over"
-            )
+        else:
+            try:
+                before = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                before = None
+            if isinstance(before, dict) and before != settings:
+                changed = ", ".join(
+                    f"{key}={before.get(key)!r}" for key in OUTPUT_SETTINGS if before.get(key) != settings[key]
+                )
+                raise RunError(
+                    f"{out} was made with other settings ({changed}): rerun with them to resume, "
+                    "or pass --no-resume --overwrite to start over"
+                )
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(f"{out} is not empty and holds no kmgpu run: choose another --out, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # starting over: the previous run's records go, its files are written again
+        manifest.unlink(missing_ok=True)
+        for part in out.glob("manifest.rank*.jsonl"):
+            part.unlink()
     write_atomic(out / SETTINGS, (json.dumps(settings, indent=2) + "\n").encode())
     _remove_stray_temporaries(out)
     _fold_rank_parts(out)
@@ -282,7 +287,8 @@ def _write(out: Path, item: Item, data: bytes, record: dict, clock: StageClock) 
         with clock.stage("write"):
             write_atomic(out / item.rel, data)
     except OSError as err:
-        return _error_record(item, f"{item.path}: cannot write {item.rel}: {err}", record["ms"], record["k"])
+        reason = f"{item.path}: cannot write {item.rel}: {err.strerror or err}"
+        return _error_record(item, reason, record["ms"], record["k"])
     return record
 
 

@@ -184,6 +184,23 @@ def test_sweep_writes_table_csv_sheet_and_pngs(tmp_path):
         assert not chart.exists() and "pip install 'kmgpu[plot]'" in result.output
 
 
+def test_sweep_of_a_name_that_is_not_utf8_draws_its_chart(tmp_path):
+    """The chart's title names the image: bytes of another encoding are drawn as U+FFFD, not a crash."""
+    pytest.importorskip("matplotlib")
+    try:
+        src = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png").decode("utf-8", "surrogateescape")
+        photo((60, 40)).save(src)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    out = tmp_path / "sw"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [sys.executable, "-m", "kmgpu", "sweep", src, "--k", "4", "--out-dir", str(out), "--device", "cpu"]
+    done = subprocess.run(args, capture_output=True, env=env)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert (out / "chart.png").stat().st_size > 1000 and (out / "sheet.png").exists()
+    assert os.path.isfile(os.path.join(os.fsencode(out), b"caf\xe9-k4.png"))
+
+
 def test_sweep_says_so_when_matplotlib_is_missing(tmp_path, monkeypatch):
     import builtins
 

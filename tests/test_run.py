@@ -412,6 +412,54 @@ def test_resume_refuses_other_settings(tmp_path):
     assert other.exit_code == 2 and "made with other settings (k=8)" in other.output
     assert run_cli(src, "--k", "16", "--no-resume", "--overwrite").exit_code == 0
     assert records(tmp_path / "photos_kmgpu")[0]["k"] == 16
+    again = run_cli(src, "--k", "16")  # the run started over is the one a plain rerun resumes
+    assert again.exit_code == 0 and "1 skipped" in again.output
+
+
+def test_a_run_killed_before_its_first_image_is_resumed(tmp_path):
+    """A run leaves its settings before any image: a folder holding only those is a run to resume,
+    not a foreign folder, and one holding another run's settings is refused as any such run."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo().save(src / "p.png")
+    assert run_cli(src, "--k", "8").exit_code == 0
+    out = tmp_path / "photos_kmgpu"
+    for path in out.iterdir():
+        if path.name != "run.json":
+            path.unlink()
+    resumed = run_cli(src, "--k", "8")
+    assert resumed.exit_code == 0 and "1 done" in resumed.output and len(records(out)) == 1
+    (out / MANIFEST).unlink()
+    other = run_cli(src, "--k", "16")
+    assert other.exit_code == 2 and "made with other settings (k=8)" in other.output
+
+
+def test_names_that_are_not_utf8_or_near_the_length_limit(tmp_path):
+    """Real archives hold names in other encodings and names of up to 255 bytes: each image is done,
+    its output has the same name bytes, and a rerun finds them all done."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    try:
+        odd_dir = os.path.join(os.fsencode(src), b"dir\xff")
+        os.mkdir(odd_dir)
+        photo((40, 30)).save(os.path.join(odd_dir, b"caf\xe9.png").decode("utf-8", "surrogateescape"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    long_stem = "x" * 251  # + ".jpg": 255 bytes, the longest a name can be; the temporary must not be longer
+    photo((30, 40)).save(src / f"{long_stem}.jpg")
+    # The command itself, printing to a strict UTF-8 stream (as an en_US.UTF-8 locale gives): the
+    # summary names the odd file, whose bytes must go out as they are, not as a traceback.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    args = [sys.executable, "-m", "kmgpu", "run", str(src), "--k", "8", "--device", "cpu", "--no-progress"]
+    done = subprocess.run(args, capture_output=True, env=env)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert b"dir\xff/caf\xe9.png" in done.stdout  # the worst PSNR's image, named by its own bytes
+    out = tmp_path / "photos_kmgpu"
+    assert os.path.isfile(os.path.join(os.fsencode(out), b"dir\xff", b"caf\xe9.png"))
+    with Image.open(out / f"{long_stem}.png") as im:
+        assert im.mode == "P" and im.size == (30, 40)
+    again = subprocess.run(args, capture_output=True, env=env)
+    assert again.returncode == 0 and b"2 skipped" in again.stdout
 
 
 def test_automatic_worker_count(monkeypatch):
