@@ -187,9 +187,12 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     """
     p = Path(path)
     try:
-        size = p.stat().st_size
+        info = p.stat()
+        size = info.st_size
         if p.is_dir():
             raise ImageReadError(f"{p}: is a folder, not an image (kmgpu run takes folders)")
+        if not stat.S_ISREG(info.st_mode):  # a pipe or a device: reading it could wait forever
+            raise ImageReadError(f"{p}: not a regular file")
         if size == 0:
             raise ImageReadError(f"{p}: empty file")
         with _pillow_limit_lock, warnings.catch_warnings():

@@ -161,6 +161,16 @@ def test_bad_files_raise_one_clear_error(tmp_path, content, message):
     assert text.startswith(str(src)) and "\n" not in text
 
 
+def test_a_pipe_is_refused_without_waiting_on_it(tmp_path):
+    """Reading a named pipe would wait for a writer forever; it is refused, as is any file that is not regular."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        load_image(fifo)
+
+
 def test_pixel_limit_refuses_before_decoding(tmp_path):
     src = tmp_path / "big.png"
     photo().save(src)
