@@ -363,7 +363,7 @@ def run_command(
     from .config import ConfigError, load_config
     from .device import DeviceError
     from .imageio import os_reason
-    from .pipeline import RunError, run
+    from .pipeline import RunError, WorkerDied, run
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(nproc)
@@ -376,6 +376,8 @@ def run_command(
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)
     except (ConfigError, DeviceError, RunError) as err:
         _fail(str(err))
+    except WorkerDied as err:
+        _fail(f"{err}; the images done so far are kept, the same command resumes", code=1)
     except OSError as err:  # the output folder, mid-run: no space left, gone, read-only
         _fail(f"cannot write: {os_reason(err)}; the images done so far are kept, the same command resumes", code=1)
     except (KeyboardInterrupt, SystemError) as err:

@@ -28,7 +28,7 @@ import time
 import warnings
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +57,17 @@ from .quantize import QuantizedImage, quantize_batch
 from .records import MANIFEST, SUMMARY, in_order, read_manifest, sorted_records, summarize
 from .timing import StageClock
 
-__all__ = ["MANIFEST", "SUMMARY", "RunError", "RunResult", "run", "default_output", "summarize", "read_manifest"]
+__all__ = [
+    "MANIFEST",
+    "SUMMARY",
+    "RunError",
+    "RunResult",
+    "WorkerDied",
+    "run",
+    "default_output",
+    "summarize",
+    "read_manifest",
+]
 
 SETTINGS = "run.json"
 # The settings that shape the output files: a run may only resume one made with the same.
@@ -66,6 +76,23 @@ OUTPUT_SETTINGS = ("k", "seed", "dither", "level", "refine_iter", "starts", "coa
 
 class RunError(ValueError):
     """The run cannot start: bad sources, or an output folder it must not touch."""
+
+
+class WorkerDied(RuntimeError):
+    """A DataLoader worker process died mid-run (the kernel's out-of-memory killer, most often)."""
+
+
+def _from_workers(samples: Iterator[Sample]) -> Iterator[Sample]:
+    """The DataLoader's samples; a worker's death (torch's RuntimeError) as a :class:`WorkerDied`."""
+    try:
+        yield from samples
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        raise WorkerDied(
+            f"{' '.join(str(err).split())}, killed for memory most often: fewer --workers, a smaller "
+            "--batch-pixels or a lower --max-pixels take less"
+        ) from None
 
 
 @dataclass
@@ -478,7 +505,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
             worker_init_fn=torch_threads_for_workers if workers else None,
             prefetch_factor=4 if workers else None,
         )
-        samples = iter(loader)  # torch checks the worker count again here
+        samples = _from_workers(iter(loader))  # torch checks the worker count again here
     counters = _Counters()
     clock = StageClock(device)
     bar = tqdm(

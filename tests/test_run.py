@@ -328,6 +328,37 @@ def test_usage_errors_and_empty_folder(tmp_path):
     assert two.exit_code == 2 and "several sources need --out" in two.output
 
 
+def test_a_worker_killed_mid_run_is_one_line_and_the_run_resumes(tmp_path, monkeypatch):
+    """The kernel's out-of-memory killer takes a DataLoader worker: one line that says what to do, exit 1,
+    the images done kept; the same command then finishes the run as an uninterrupted one."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(6):
+        photo((40 + i, 30)).save(src / f"p{i}.png")
+    real = kmgpu.pipeline.quantize_in_worker
+
+    def killed_on_p3(sample, config):  # runs in the forked worker
+        if sample.item.rel == "p3.png":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(sample, config)
+
+    monkeypatch.setattr(kmgpu.pipeline, "quantize_in_worker", killed_on_p3)
+    out = tmp_path / "o"
+    died = run_cli(src, "--out", out, "--k", "8", "--workers", "1")
+    assert died.exit_code == 1 and "Traceback" not in died.output
+    (line,) = died.output.splitlines()
+    assert line.startswith("kmgpu: error: DataLoader worker (pid")
+    assert line.endswith("fewer --workers, a smaller --batch-pixels or a lower --max-pixels take less; "
+                         "the images done so far are kept, the same command resumes")  # fmt: skip
+    kept = records(out)
+    assert [r["output"] for r in kept] == ["p0.png", "p1.png", "p2.png"]
+    monkeypatch.setattr(kmgpu.pipeline, "quantize_in_worker", real)
+    resumed = run_cli(src, "--out", out, "--k", "8", "--workers", "1")
+    assert resumed.exit_code == 0 and "3 skipped" in resumed.output
+    assert run_cli(src, "--out", tmp_path / "whole", "--k", "8", "--workers", "1").exit_code == 0
+    assert comparable(out) == comparable(tmp_path / "whole")
+
+
 def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """An --out that cannot be made (under a file) is a usage error; the disk filling up mid-run is exit 1.
     One line each, no traceback, and the resumed run then ends as an uninterrupted one."""
