@@ -584,10 +584,10 @@ def console() -> None:
             raise
         print("kmgpu: error: interrupted", file=sys.stderr)
         code = 130
-    except OSError as err:  # an output a command could not write: a full disk, a folder gone
+    except OSError as err:  # an output a command could not write (a full disk, a folder gone), say
         from .imageio import os_reason
 
-        print(f"kmgpu: error: cannot write: {os_reason(err)}", file=sys.stderr)
+        print(f"kmgpu: error: {os_reason(err)}", file=sys.stderr)
         code = 1
     if code is None:
         code = 0

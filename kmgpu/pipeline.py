@@ -87,7 +87,7 @@ def _from_workers(samples: Iterator[Sample]) -> Iterator[Sample]:
     try:
         yield from samples
     except RuntimeError as err:
-        if "DataLoader worker" not in str(err):
+        if not str(err).startswith("DataLoader worker (pid"):  # not "Caught ... in DataLoader worker process"
             raise
         raise WorkerDied(
             f"{' '.join(str(err).split())}, killed for memory most often: fewer --workers, a smaller "

@@ -267,7 +267,7 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path):
     out = tmp_path / "o"
     done = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True, env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.splitlines() == ["kmgpu: error: cannot write: No space left on device"]
+    assert done.stderr.splitlines() == ["kmgpu: error: No space left on device"]
     assert (out / "p-k4.png").is_file() and not (out / "sweep.csv").exists()
 
 

@@ -358,6 +358,14 @@ def test_a_worker_killed_mid_run_is_one_line_and_the_run_resumes(tmp_path, monke
     assert run_cli(src, "--out", tmp_path / "whole", "--k", "8", "--workers", "1").exit_code == 0
     assert comparable(out) == comparable(tmp_path / "whole")
 
+    def a_bug(sample, config):
+        raise RuntimeError("a bug in the worker's code")
+
+    monkeypatch.setattr(kmgpu.pipeline, "quantize_in_worker", a_bug)
+    bug = run_cli(src, "--out", tmp_path / "bug", "--k", "8", "--workers", "1")
+    assert isinstance(bug.exception, RuntimeError) and not isinstance(bug.exception, kmgpu.pipeline.WorkerDied)
+    assert "a bug in the worker's code" in str(bug.exception)  # torch's "Caught ... in DataLoader worker process"
+
 
 def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """An --out that cannot be made (under a file) is a usage error; the disk filling up mid-run is exit 1.
