@@ -6,6 +6,7 @@ stderr, and the others are still done); 2 bad usage (one line on stderr).
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import sys
@@ -550,9 +551,9 @@ def _paths_print_as_named() -> None:
     them; on others, unprintable characters become ``?``."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            utf8 = (stream.encoding or "").lower().replace("-", "") == "utf8"
+            utf8 = codecs.lookup(stream.encoding).name == "utf-8"  # whatever the spelling: UTF8, utf_8
             stream.reconfigure(errors="surrogateescape" if utf8 else "replace")
-        except (AttributeError, ValueError):  # not a TextIOWrapper: leave it be
+        except (AttributeError, LookupError, TypeError, ValueError):  # not a TextIOWrapper: leave it be
             pass
 
 
