@@ -113,7 +113,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the K-means initialisation: same seed, same bytes.")]
 DitherOpt = Annotated[Dither, typer.Option(help="fs: Floyd-Steinberg error diffusion (smoother, larger).")]
 LevelOpt = Annotated[
-    int, typer.Option("--level", help="PNG compression, 0 to 12: 0-9 zlib's, 10-12 slower, 5-9% smaller.")
+    int, typer.Option("--level", help="PNG compression, 0 to 12: 0-9 zlib's, 10-12 slower, 4-5% smaller.")
 ]
 MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse larger images (decompression bombs).", min=1)]
 RefineOpt = Annotated[int, typer.Option(help="Lloyd steps on the exact colors after the coarse fit.", min=0)]
@@ -344,7 +344,7 @@ def run_command(
     seed: Annotated[int | None, typer.Option(help="Seed of the K-means initialisation. Default: 0.")] = None,
     level: Annotated[
         int | None,
-        typer.Option(help="PNG compression, 0 to 12: 0-9 zlib's, 10-12 slower, 5-9% smaller. Default: 6."),
+        typer.Option(help="PNG compression, 0 to 12: 0-9 zlib's, 10-12 slower, 4-5% smaller. Default: 6."),
     ] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Refuse larger images. Default: 178956970.")] = None,
     refine_iter: Annotated[int | None, typer.Option(help="Lloyd steps on the exact colors. Default: 10.")] = None,

@@ -10,11 +10,19 @@ palette order. Measured on the bundled samples at k = 64 and 256
   have something to predict, and at 1, 2 and 4 bits per pixel the packed
   bytes repeat more often.
 - **Filters.** With that order, libpng's heuristic (per row, the filter with
-  the smallest sum of absolute differences) with zlib's Z_FILTERED strategy
-  shrinks some photos by up to 8% and enlarges others by up to 10% against
-  no filter. A sample of the rows did not predict which (it chose wrong on
-  one sample), so both are compressed and the smaller is kept: the file is
-  never larger than the unfiltered one, which is what Pillow writes.
+  the smallest sum of absolute differences) shrank index maps of photos by
+  up to 36% and enlarged others by up to 41% against no filter (140 maps:
+  20 photos and scans at k = 64 and 256, 100 bench-folder images at k=64).
+  Neither a sample of the rows nor their first half predicted which, so
+  both are compressed and the smaller is kept: the file is never larger
+  than the unfiltered one, which is what Pillow writes.
+- **Runs.** The filtered rows are deflated with zlib's Z_RLE strategy
+  (matches at distance 1 only: the runs the filters leave), not Z_FILTERED.
+  With the unfiltered stream beside it, at level 6: 0.8% fewer bytes on 13
+  photos at k = 16, 64, 256 in 0.75x the encoding CPU time of Z_FILTERED at
+  level 5 (scripts/bench_png.py --extra), 2.9% fewer on the bench folder
+  (scripts/bench_run.py). zlib's level does not change this stream; at
+  level 9, Z_FILTERED in its place was 0.5% larger and 50x slower to deflate.
 - **Deflate.** Levels 0 to 9 are zlib's, streamed block by block. Levels 10
   to 12 are libdeflate's near-optimal parsing: on 60 bench-folder images at
   k=64, level 10 took 3.8x the deflate time of level 6 for files 7.5% smaller,
@@ -253,10 +261,11 @@ def encode_palette_png(
         An RGB ICC profile, written as an iCCP chunk.
     level : int
         0 to 12. Up to 9, zlib's levels: the default, 6, is zlib's own and
-        Pillow's; on 13 photos and graphics level 9 took 2.7x (k=16) to 1.4x
-        (k=256) the time of the deflate step for files 0.2 to 1.7% smaller.
-        10 to 12: libdeflate's near-optimal parsing, every candidate stream
-        at that level (see the module's notes).
+        Pillow's; on 13 photos at k = 16, 64, 256 level 9 took 3.4x the
+        encoding CPU time for files 0.6% smaller (the run-length stream is
+        the same at every level). 10 to 12: libdeflate's near-optimal
+        parsing, every candidate stream at that level, and the run-length
+        one beside them (see the module's notes).
     reorder : bool
         Reorder the palette smoothly (the decoded pixels are the same).
 
@@ -300,26 +309,25 @@ def encode_palette_png(
     #   order given: at level 6 that is, byte for byte, what Pillow writes for
     #   these pixels, so the file is never larger than Pillow's. Packed (1 to
     #   4 bits) it takes the smooth order, which packs better;
-    # - adaptive filters with zlib's Z_FILTERED strategy, on the smooth order,
-    #   which gives the filters neighbouring colors to predict from. At 8 bits
-    #   libpng's filters at up to level 5: this stream is the slower one to
-    #   deflate, and level 6 took 1.4x the time of 5 for files 0.07% smaller
-    #   (scripts/bench_png.py), level 9 6x for about 1%. Packed, Pillow's
-    #   filters (see _PACKED_FILTERS) at ``level``: Pillow filters packed
-    #   rows so, at level 6, so where the smooth order is the order given
-    #   (gray palettes, sorted) this is Pillow's own stream;
-    # - packed, where the smooth order is not the one given: Pillow's stream
-    #   itself, the same filters on the order given, so that here too the
-    #   file is never larger than Pillow's. (It won none of 12 photos at k=4
-    #   and k=16, and costs one more deflate of 1 to 4 bits per pixel.)
-    plain = given if bits == 8 else smooth
-    jobs = [(plain, False, _ALL_FILTERS, level, zlib.Z_DEFAULT_STRATEGY)]
-    if bits == 8:
-        jobs.append((smooth, True, _ALL_FILTERS, level if level > _ZLIB_MAX_LEVEL else min(level, 5), zlib.Z_FILTERED))
-    else:
-        jobs.append((smooth, True, _PACKED_FILTERS, level, zlib.Z_FILTERED))
-        if smooth is not given:
-            jobs.append((given, True, _PACKED_FILTERS, level, zlib.Z_FILTERED))
+    # - adaptive filters on the smooth order, which gives the filters
+    #   neighbouring colors to predict from, deflated with zlib's Z_RLE
+    #   strategy (see the module's notes; zlib ignores the level there). At
+    #   8 bits libpng's filters; packed, Pillow's (see _PACKED_FILTERS);
+    # - packed: Pillow's stream itself, its filters on the order given with
+    #   Z_FILTERED at ``level``, so that here too the file is never larger
+    #   than Pillow's. (On 20 photos at k=16 and k=4 it won none, the plain
+    #   one 11; the three together came out 2.0% smaller than with Z_FILTERED
+    #   for the smooth order's filtered rows, on which Z_RLE took a tenth of
+    #   the time.)
+    # Above level 9 every stream is libdeflate's, which has no strategies, and the Z_RLE one
+    # comes as well: it costs little and won 8 of the 140 index maps at level 10.
+    filters = _ALL_FILTERS if bits == 8 else _PACKED_FILTERS
+    jobs = [(given if bits == 8 else smooth, False, filters, level, zlib.Z_DEFAULT_STRATEGY)]
+    jobs.append((smooth, True, filters, min(level, _ZLIB_MAX_LEVEL), zlib.Z_RLE))
+    if level > _ZLIB_MAX_LEVEL:
+        jobs.append((smooth, True, filters, level, zlib.Z_DEFAULT_STRATEGY))
+    if bits < 8 and (smooth is not given or level <= _ZLIB_MAX_LEVEL):
+        jobs.append((given, True, filters, level, zlib.Z_FILTERED))
 
     def candidate(layout, adaptive: bool, filters: tuple[int, ...], level: int, strategy: int) -> bytes:
         return file(layout, _scanlines(layout[2], adaptive, filters), level, strategy)

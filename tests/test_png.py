@@ -152,14 +152,40 @@ def test_never_larger_than_pillows_plain_save(name, k):
     np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), rgb[indices])
 
 
+def test_filtered_rows_go_to_zlib_as_runs_and_pay_on_photos(monkeypatch):
+    """The filtered candidate is deflated with Z_RLE: on the samples at k = 16, 64 and 256 the files come out
+    smaller in total than with Z_FILTERED at level 5 in its place (the encoder's choice until session 18), and
+    no file is larger than its unfiltered stream alone, Pillow's."""
+    maps = [quantized_sample(name, k)[1:] for name in ("astronaut.png", "coffee.png", "rocket.jpg") for k in (16, 64)]
+    maps += [quantized_sample("coffee.png", 256)[1:]]
+    strategies = []
+    real = png._deflate
+    monkeypatch.setattr(png, "_deflate", lambda rows, level, s: strategies.append(s) or real(rows, level, s))
+    ours = [encode_palette_png(indices, rgb) for rgb, indices in maps]
+    assert zlib.Z_RLE in strategies and zlib.Z_DEFAULT_STRATEGY in strategies
+
+    def as_before(rows, level, strategy):
+        return real(rows, 5, zlib.Z_FILTERED) if strategy == zlib.Z_RLE else real(rows, level, strategy)
+
+    monkeypatch.setattr(png, "_deflate", as_before)
+    before = [encode_palette_png(indices, rgb) for rgb, indices in maps]
+    assert sum(map(len, ours)) < 0.995 * sum(map(len, before))
+    for (rgb, indices), data in zip(maps, ours):
+        assert len(data) <= pillow_plain_save(indices, rgb)
+        np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
+
+
 @pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
 @pytest.mark.parametrize("k", [4, 64, 256])
 def test_levels_above_zlibs_make_smaller_files_of_the_same_pixels(name, k):
-    """Levels 10 and 12 (libdeflate's near-optimal parsing) beat zlib's 6 on every photo, and 12 beats zlib's 9."""
+    """Levels 10 and 12 (libdeflate's near-optimal parsing) are never larger than zlib's 6 and 9, and smaller at
+    k >= 64. (At k=4 a run-length stream, the same at every level, can be the smallest of all.)"""
     _, rgb, indices = quantized_sample(name, k)
     files = {level: encode_palette_png(indices, rgb, level=level) for level in (6, 9, 10, 12)}
     size = {level: len(data) for level, data in files.items()}
-    assert size[10] < size[6] and size[12] < size[6] and size[12] < size[9] and size[12] <= size[10]
+    assert size[12] <= size[10] <= size[6] and size[12] <= size[9] <= size[6]
+    if k >= 64:
+        assert size[10] < size[6] and size[12] < size[9]
     for data in files.values():
         np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
 
