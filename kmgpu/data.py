@@ -128,25 +128,61 @@ def item_key(rel: str) -> int:
 
 
 class DoneSet:
-    """Output paths already done, as a sorted array of their 63-bit keys (8 bytes an image)."""
+    """Output paths already done, as a sorted array of their 63-bit keys, with the size and modification
+    time their source had (24 bytes an image).
+
+    ``rel in done`` says whether an output is done; :meth:`source_changed` whether its source has changed
+    since, and :meth:`forget` takes an output out of the set, to do it again.
+    """
 
     def __init__(self, rels=()):
-        self.keys = np.unique(np.fromiter((item_key(r) for r in rels), dtype=np.int64))
+        self._set(np.fromiter((item_key(r) for r in rels), dtype=np.int64))
+
+    def _set(self, keys, sizes=None, mtimes=None) -> None:
+        keys = np.asarray(keys, dtype=np.int64)
+        self.keys, first = np.unique(keys, return_index=True)
+        unknown = np.full(keys.size, -1, dtype=np.int64)
+        self.sizes = (unknown if sizes is None else np.asarray(sizes, dtype=np.int64))[first]
+        self.mtimes = (unknown if mtimes is None else np.asarray(mtimes, dtype=np.int64))[first]
+        self.live = np.ones(self.keys.size, dtype=bool)
 
     @classmethod
-    def from_keys(cls, keys) -> DoneSet:
-        """The set of the outputs whose :func:`item_key` are ``keys`` (any int64 sequence)."""
+    def from_keys(cls, keys, sizes=None, mtimes=None) -> DoneSet:
+        """The set of the outputs whose :func:`item_key` are ``keys`` (any int64 sequence), their sources of
+        ``sizes`` bytes modified at ``mtimes`` (ns; -1 or None: not known). A key given twice keeps its first."""
         done = cls()
-        done.keys = np.unique(np.asarray(keys, dtype=np.int64))
+        done._set(keys, sizes, mtimes)
         return done
 
     def __len__(self) -> int:
-        return int(self.keys.size)
+        return int(self.live.sum())
 
-    def __contains__(self, rel: str) -> bool:
+    def _find(self, rel: str) -> int:
         key = item_key(rel)
         i = int(np.searchsorted(self.keys, key))
-        return i < self.keys.size and int(self.keys[i]) == key
+        return i if i < self.keys.size and int(self.keys[i]) == key and self.live[i] else -1
+
+    def __contains__(self, rel: str) -> bool:
+        return self._find(rel) >= 0
+
+    def source_changed(self, rel: str, source: Path) -> bool:
+        """Whether the done output ``rel``'s source file now has another size or modification time than when
+        it was done (or cannot be read). What was not recorded is not compared."""
+        i = self._find(rel)
+        if i < 0:
+            return False
+        try:
+            info = os.stat(source)
+        except OSError:
+            return True
+        size, mtime = int(self.sizes[i]), int(self.mtimes[i])
+        return (size >= 0 and info.st_size != size) or (mtime >= 0 and info.st_mtime_ns != mtime)
+
+    def forget(self, rel: str) -> None:
+        """Take ``rel`` out of the set: it is to be done again."""
+        i = self._find(rel)
+        if i >= 0:
+            self.live[i] = False
 
 
 @dataclass

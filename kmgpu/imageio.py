@@ -77,6 +77,9 @@ class LoadedImage:
     path : Path or None
     bytes_in : int
         Size of the source file; 0 when the image did not come from a file.
+    mtime_ns : int
+        The source file's modification time (ns since the epoch) when it was
+        read; 0 when the image did not come from a file.
     notes : list of str
         What was changed on the way that a user should know.
     """
@@ -85,6 +88,7 @@ class LoadedImage:
     icc_profile: bytes | None = None
     path: Path | None = None
     bytes_in: int = 0
+    mtime_ns: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -223,7 +227,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise ImageReadError(f"{p}: not an image (no reader recognises its contents)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, MemoryError) as err:
         raise ImageReadError(f"{p}: corrupt or truncated image ({err})") from None
-    loaded.path, loaded.bytes_in = p, size
+    loaded.path, loaded.bytes_in, loaded.mtime_ns = p, size, info.st_mtime_ns
     return loaded
 
 

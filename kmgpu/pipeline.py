@@ -11,8 +11,9 @@
 - Every image gets one line in ``manifest.jsonl`` (appended and flushed as
   soon as the image is done) and the run ends with ``summary.json``.
 - Resume: a rerun skips what the manifest records as ok and whose output
-  exists; everything else (errors, half-written or missing outputs) is done
-  again. Each image's random stream comes from its own path, so its output is
+  exists, from a source of the size and modification time recorded;
+  everything else (errors, half-written or missing outputs, sources changed
+  since) is done again. Each image's random stream comes from its own path, so its output is
   the same bytes whatever batch it lands in.
 """
 
@@ -180,15 +181,23 @@ def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
         return DoneSet()
     # Keep the lines of the images that are done (recorded ok, output present), once each (the
     # first), in walk order; streamed, so memory does not grow with the number of images.
-    keys, kept = array("q"), None
+    keys, sizes, mtimes, kept = array("q"), array("q"), array("q"), None
     with atomic_file(manifest, text=True) as f:
         for record in sorted_records(manifest, _order_key):
             at = _order_key(record)
             if at != kept and _is_done(out, record):
                 kept = at
                 keys.append(item_key(record["output"]))
+                sizes.append(_stamp(record, "bytes_in"))
+                mtimes.append(_stamp(record, "mtime_ns"))
                 f.write(json.dumps(record) + "\n")
-    return DoneSet.from_keys(keys)
+    return DoneSet.from_keys(keys, sizes, mtimes)
+
+
+def _stamp(record: dict, field: str) -> int:
+    """A record's source size or modification time, -1 where it holds none (a manifest of an older kmgpu)."""
+    value = record.get(field)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
 
 
 def _rank_part(out: Path, rank: int) -> Path:
@@ -215,7 +224,13 @@ def _is_done(out: Path, record: dict) -> bool:
 
 def _load_done(out: Path) -> DoneSet:
     """What the manifest records as done: read-only, for ranks other than 0."""
-    return DoneSet(r["output"] for r in read_manifest(out / MANIFEST) if _is_done(out, r))
+    keys, sizes, mtimes = array("q"), array("q"), array("q")
+    for record in read_manifest(out / MANIFEST):
+        if _is_done(out, record):
+            keys.append(item_key(record["output"]))
+            sizes.append(_stamp(record, "bytes_in"))
+            mtimes.append(_stamp(record, "mtime_ns"))
+    return DoneSet.from_keys(keys, sizes, mtimes)
 
 
 def _finalize_manifest(manifest: Path) -> None:
@@ -295,6 +310,7 @@ def _encode(result: QuantizedImage, item: Item, level: int, ms_before: float, cl
         "k": result.k,
         "colors": len(result.palette),
         "bytes_in": src.bytes_in,
+        "mtime_ns": src.mtime_ns,
         "bytes_out": len(data),
         "ratio": round(src.bytes_in / len(data), 4),
         "bpp": round(bits_per_pixel(len(data), src.width, src.height), 4),
@@ -464,13 +480,20 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     several = len(sources) > 1
 
     unreadable: list[str] = []
-    listed = skipped = 0
+    listed = skipped = changed = 0
     for item in scan(sources, prefix_sources=several, on_error=unreadable.append):
         listed += 1
-        skipped += item.rel in done
+        if item.rel in done:
+            if done.source_changed(item.rel, item.path):  # edited or replaced since: done again
+                done.forget(item.rel)
+                changed += 1
+            else:
+                skipped += 1
     if ctx.is_main:
         for message in unreadable:
             note(message)
+        if changed:
+            note(f"{changed} input(s) changed since they were done: doing them again")
     if listed == 0 and ctx.is_main:
         names = " ".join(sorted(IMAGE_SUFFIXES))
         note(f"no images found in {', '.join(map(str, sources))} (looked for {names})")

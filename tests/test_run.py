@@ -242,6 +242,46 @@ def test_half_written_and_missing_outputs_are_redone(tmp_path):
     assert now["a.png.png"]["bytes_out"] == first["a.png.png"]["bytes_out"]
 
 
+def test_inputs_changed_since_they_were_done_are_done_again(tmp_path):
+    """A resume redoes an image whose source now has another size or modification time (edited, replaced,
+    touched), and only those: the output and its record follow the new source, one line per image."""
+    src, out = tmp_path / "photos", tmp_path / "o"
+    src.mkdir()
+    for i, size in enumerate([(64, 48), (40, 30), (50, 50)]):
+        photo(size).rotate(90 * i).save(src / f"p{i}.png")
+    assert run_cli(src, "--out", out, "--k", "8").exit_code == 0
+    first = {r["output"]: r for r in records(out)}
+    assert first["p0.png"]["mtime_ns"] == (src / "p0.png").stat().st_mtime_ns
+    old_p1 = (out / "p1.png").read_bytes()
+
+    photo((30, 20)).save(src / "p1.png")  # replaced by another picture
+    stamp = (src / "p2.png").stat()
+    os.utime(src / "p2.png", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # touched: same bytes
+    again = run_cli(src, "--out", out, "--k", "8")
+    assert again.exit_code == 0, again.output
+    assert "2 input(s) changed since they were done: doing them again" in again.output
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["images_skipped"] == 1 and summary["images_processed"] == 2
+    now = {r["output"]: r for r in records(out)}
+    assert list(now) == ["p0.png", "p1.png", "p2.png"]  # one line each, in walk order
+    assert now["p0.png"] == first["p0.png"]
+    assert (now["p1.png"]["width"], now["p1.png"]["height"]) == (30, 20) and now["p1.png"] != first["p1.png"]
+    assert (out / "p1.png").read_bytes() != old_p1 and now["p1.png"]["bytes_out"] == (out / "p1.png").stat().st_size
+    with Image.open(out / "p1.png") as im:
+        assert im.size == (30, 20)
+    assert now["p2.png"]["mtime_ns"] == stamp.st_mtime_ns + 10**9
+    assert "input(s) changed" not in run_cli(src, "--out", out, "--k", "8").output  # and then nothing is
+
+    # A manifest of an older kmgpu holds no mtime_ns: the size alone is compared.
+    lines = [{key: v for key, v in r.items() if key != "mtime_ns"} for r in records(out)]
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    os.utime(src / "p0.png", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 5 * 10**9))
+    assert run_cli(src, "--out", out, "--k", "8").exit_code == 0
+    assert json.loads((out / SUMMARY).read_text())["images_skipped"] == 3
+    (src / "p0.png").write_bytes((src / "p0.png").read_bytes() + b"\0" * 7)  # 7 more bytes: another file
+    assert "1 input(s) changed" in run_cli(src, "--out", out, "--k", "8").output
+
+
 def test_a_resumed_manifest_sorted_on_disk_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
     """A resume sorts the manifest in runs spilled to disk when it is long (here: longer than 2 lines):
     out of order, with an image's failure recorded before its success, a lost output and a lost line,
