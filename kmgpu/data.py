@@ -4,7 +4,8 @@ The walk is sorted and streamed: memory does not grow with the number of
 files, and every process (DataLoader workers, torchrun ranks) sees the same
 order. Symbolic links to folders are not followed, so a link loop cannot
 trap the walk; links to files are read. An unreadable folder is reported and
-skipped.
+skipped. Every other entry named like an image is an input, a broken link or
+a pipe too: reading it fails with a reason, recorded like any other failure.
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def _walk(index: int, folder: Path, rel: str, order: tuple, on_error) -> Iterato
     for entry in entries:
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
-            is_file = not is_dir and entry.is_file()
+            # Anything else named like an image is an input, so that a broken link or a pipe gets a record
+            # that says so rather than going unseen; a link to a folder is neither.
+            is_file = not is_dir and not entry.is_dir()
         except OSError:
             continue
         if is_file and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:

@@ -463,6 +463,25 @@ def test_foreign_folder_and_start_over(tmp_path):
     assert json.loads((out / SUMMARY).read_text())["images_processed"] == 1
 
 
+def test_broken_links_and_pipes_named_like_images_are_failures_not_silence(tmp_path):
+    """A link to a file that is gone and a named pipe called .png each get an error record (reading the pipe
+    would wait forever: it is not opened); a link to a folder named like an image is neither (not followed)."""
+    src = tmp_path / "photos"
+    (src / "real").mkdir(parents=True)
+    photo((40, 30)).save(src / "real" / "ok.png")
+    os.symlink(src / "nowhere.jpg", src / "gone.jpg")
+    os.mkfifo(src / "pipe.png")
+    os.symlink(src / "real", src / "folder.png")
+    result = run_cli(src, "--out", tmp_path / "o")
+    assert result.exit_code == 1, result.output
+    got = {r["output"]: r for r in records(tmp_path / "o")}
+    assert set(got) == {"gone.png", "pipe.png", "real/ok.png"}
+    assert got["gone.png"]["status"] == "error" and "no such file" in got["gone.png"]["error"]
+    assert got["pipe.png"]["status"] == "error" and "not a regular file" in got["pipe.png"]["error"]
+    assert got["real/ok.png"]["status"] == "ok" and (tmp_path / "o" / "real" / "ok.png").is_file()
+    assert "Traceback" not in result.output
+
+
 def test_fail_fast_stops_at_the_first_failure(tmp_path):
     src = tmp_path / "photos"
     src.mkdir()
