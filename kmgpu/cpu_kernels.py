@@ -59,6 +59,7 @@ __all__ = [
     "distinct_colors",
     "grid_bins",
     "filter_rows",
+    "nearest_chain",
     "dither",
     "run_threads",
     "warm_up",
@@ -740,6 +741,28 @@ if numba is not None:
         return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
 
     @_jit()
+    def _nearest_chain(p, start, order):
+        """Fill ``order`` (k,) with the chain of :func:`kmgpu.png.smooth_order`: from ``start``, each next entry
+        the nearest not yet taken (squared distance over the columns of ``p``, (k, C) float64 of integers, so
+        exact), the lowest index winning a tie."""
+        k = p.shape[0]
+        taken = np.zeros(k, np.bool_)
+        current = start
+        for i in range(k):
+            order[i] = current
+            taken[current] = True
+            best, best_d = -1, np.inf
+            for j in range(k):
+                if not taken[j]:
+                    d = 0.0
+                    for c in range(p.shape[1]):
+                        diff = p[current, c] - p[j, c]
+                        d += diff * diff
+                    if d < best_d:
+                        best, best_d = j, d
+            current = best
+
+    @_jit()
     def _filter_rows(rows, above, filters, out):
         """PNG scanlines of ``rows`` (H, W) uint8 into ``out`` (H, W + 1), as ``png._filtered`` makes them.
 
@@ -926,7 +949,7 @@ if numba is not None:
             err, below = below, err
 
 else:  # pragma: no cover
-    _luma_row = _quality = _filter_rows = _contrast_row = _cell_candidates = _dither = None
+    _luma_row = _quality = _filter_rows = _contrast_row = _cell_candidates = _dither = _nearest_chain = None
     _search = _geometry_of = _cluster_sums = _sums = _draw = _kmeans_plusplus = None
     _prepare_search = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _unrank_keys = (
         _grid_bins
@@ -995,6 +1018,7 @@ def warm_up() -> None:
     for indexed in (False, True):  # as metrics calls it
         _quality(img, img, palette, np.zeros(1), idx, indexed, np.ones(3), taps, 1.0, 1.0, 0, 3, 3)
     filter_rows(idx, None, (0, 1, 2, 3, 4))
+    nearest_chain(np.zeros((3, 3)), 0)
     dither(img, np.array([[0, 0, 0], [9, 9, 9]], dtype=np.uint8), idx)
 
 
@@ -1199,6 +1223,14 @@ def grid_bins(colors: torch.Tensor, counts: torch.Tensor, per_image: list[int], 
         )
     means = torch.from_numpy(sums / weight[:, None]).float()
     return means, torch.from_numpy(weight), torch.from_numpy(bin_of), torch.from_numpy(per_bins)
+
+
+def nearest_chain(palette: np.ndarray, start: int) -> np.ndarray:
+    """The nearest-neighbour chain through the rows of ``palette`` (k, C) from row ``start``: what
+    ``png.smooth_order`` makes, index for index (k=64: 19 us against 0.21 ms in NumPy)."""
+    order = np.empty(len(palette), dtype=np.int64)
+    _nearest_chain(np.ascontiguousarray(palette, dtype=np.float64), int(start), order)
+    return order
 
 
 def filter_rows(rows: np.ndarray, above: np.ndarray | None, filters: tuple[int, ...]) -> np.ndarray:

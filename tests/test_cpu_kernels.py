@@ -349,6 +349,21 @@ def test_png_filters_are_the_numpy_filters(h, w, levels, packed, has_above, seed
     np.testing.assert_array_equal(ours, png._filtered_numpy(rows, above, filters))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 256), channels=st.integers(1, 4), levels=st.sampled_from([3, 256]), seed=st.integers(0, 2**32 - 1)
+)
+def test_palette_chain_is_the_numpy_chain(k, channels, levels, seed):
+    """png.smooth_order's nearest-neighbour chain, compiled, is the NumPy one index for index: with 3 levels
+    a channel, distances tie all the time and the lowest index must win."""
+    palette = np.random.default_rng(seed).integers(0, levels, (k, channels), dtype=np.uint8)
+    ours = png.smooth_order(palette)
+    with mock.patch.dict(os.environ, {"KMGPU_NUMBA": "0"}):
+        theirs = png.smooth_order(palette)
+    np.testing.assert_array_equal(ours, theirs)
+    assert sorted(ours.tolist()) == list(range(k))
+
+
 def test_png_files_are_the_same_with_either_filter_code(monkeypatch):
     """The whole file, from a quantized photo, at 8 bits and packed: the compiled filters change no byte."""
     with Image.open(SAMPLES / "rocket.jpg") as im:
