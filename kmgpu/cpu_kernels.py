@@ -1036,6 +1036,15 @@ def _get_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of its parent's threads, and a lock one of them held stays held: start over."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def run_threads(fn, items, threads: int) -> list:
     """``[fn(item) for item in items]``, on up to ``threads`` of this process's kernel threads (the compiled
     kernels release the GIL), the results in the order of ``items``."""

@@ -210,6 +210,24 @@ def test_levels_out_of_range_are_named(level):
         encode_palette_png(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8), level=level)
 
 
+def test_a_forked_child_encodes_with_threads_of_its_own():
+    """The candidate threads are kept per process; a child forked while a parent's thread held their lock
+    (a DataLoader worker started mid-run) makes its own and writes the same bytes, rather than waiting forever."""
+    import multiprocessing
+
+    _, palette, indices = quantized_sample("coffee.png", 64)
+    indices = np.ascontiguousarray(indices[:300, :300])  # 90,000 pixels: above the size encoded inline
+    parent = encode_palette_png(indices, palette)
+    assert png._pool is not None
+    with png._pool_lock:
+        pool = multiprocessing.get_context("fork").Pool(1)
+    try:
+        child = pool.apply_async(encode_palette_png, (indices, palette)).get(timeout=60)
+    finally:
+        pool.terminate()
+    assert child == parent
+
+
 @pytest.mark.parametrize("k", [2, 4, 16, 64, 256])
 def test_rows_are_encoded_in_blocks_with_the_same_bytes(monkeypatch, k):
     """Scanlines are filtered and deflated a block of rows at a time (bounded memory); the file is the same."""
