@@ -292,6 +292,25 @@ def test_the_console_command_exits_with_the_app_code_and_flushed_output(tmp_path
     assert version.returncode == 0 and version.stdout.startswith(f"kmgpu {__version__}")
 
 
+def test_the_console_command_lets_openmp_threads_sleep_before_torch_loads():
+    """OpenMP's threads spin between parallel regions unless told otherwise, taking a core from the encoding
+    threads: the command sets OMP_WAIT_POLICY=PASSIVE before torch (and its libgomp) is loaded, unless the
+    user set a policy of their own."""
+    code = "\n".join([
+        "import os, sys, kmgpu.cli as cli",
+        "def app(**kwargs):",
+        "    print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)",
+        "cli.app = app",
+        "cli.console()",
+    ])  # fmt: skip
+    env = {key: v for key, v in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    for given, expected in ((None, "PASSIVE False"), ("ACTIVE", "ACTIVE False")):
+        run_env = env if given is None else {**env, "OMP_WAIT_POLICY": given}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env)
+        assert done.returncode == 0 and done.stdout.strip() == expected, done.stderr
+
+
 def test_help_and_report_answer_without_loading_torch(tmp_path):
     """--help and report only parse and read JSON: they must not pay torch's and numba's seconds of import."""
     src = tmp_path / "in"
