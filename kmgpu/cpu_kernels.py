@@ -46,10 +46,11 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from .threads import ProcessThreads
 
 __all__ = [
     "usable",
@@ -87,9 +88,7 @@ _BY_CHANNEL_BELOW = 4_000_000
 # besides its centers. Below this much work per thread, fewer threads: a hand-off costs tens of
 # microseconds, about what 2**18 units take.
 _THREAD_WORK = 2**18
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = -1
-_pool_lock = threading.Lock()
+_search_threads = ProcessThreads("kmgpu-search")
 _ready_lock = threading.Lock()
 
 
@@ -1026,32 +1025,13 @@ def _threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // _THREAD_WORK))
 
 
-def _get_pool() -> ThreadPoolExecutor:
-    """The search threads of this process (a forked child makes its own)."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kmgpu-search")
-            _pool_pid = os.getpid()
-        return _pool
-
-
-def _forget_pool_in_child() -> None:
-    """A forked child has none of its parent's threads, and a lock one of them held stays held: start over."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool_in_child)
-
-
 def run_threads(fn, items, threads: int) -> list:
     """``[fn(item) for item in items]``, on up to ``threads`` of this process's kernel threads (the compiled
     kernels release the GIL), the results in the order of ``items``."""
     items = list(items)
     if threads <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
-    pool = _get_pool()
+    pool = _search_threads.get()
     cut = -(-len(items) // min(threads, len(items)))  # a few calls of several items each, not one per item
     chunks = [items[i : i + cut] for i in range(0, len(items), cut)]
     jobs = [pool.submit(lambda part: [fn(item) for item in part], chunk) for chunk in chunks]
@@ -1075,7 +1055,7 @@ def _search_all(args: list, active: np.ndarray, guessed: bool, total: int, k: in
         _search(*args, active, guessed, 0, total)
         return
     cuts = [total * t // threads for t in range(threads + 1)]
-    pool = _get_pool()
+    pool = _search_threads.get()
     jobs = [pool.submit(_search, *args, active, guessed, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
     for job in jobs:
         job.result()

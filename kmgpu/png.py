@@ -32,14 +32,13 @@ palette order. Measured on the bundled samples at k = 64 and 256
 
 from __future__ import annotations
 
-import os
 import struct
-import threading
 import zlib
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from .threads import ProcessThreads
 
 __all__ = [
     "MAX_LEVEL",
@@ -241,32 +240,11 @@ def _deflate(scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
 
 
 # A file's candidate streams are deflated side by side (zlib and most of numpy release the GIL), the
-# first in the calling thread and the others on threads kept for the process: starting two threads
-# for every file cost 0.5 ms, 7% of the whole work of a 64x64 image. Below _INLINE_PIXELS they are
-# deflated one after the other in the calling thread, where handing one over costs more than it saves.
+# first in the calling thread and the others on threads kept for the process (kmgpu.threads). Below
+# _INLINE_PIXELS they are deflated one after the other in the calling thread, where handing one over
+# costs more than it saves.
 _INLINE_PIXELS = 2**16
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = -1
-_pool_lock = threading.Lock()
-
-
-def _candidate_pool() -> ThreadPoolExecutor:
-    """The candidate threads of this process (a forked child makes its own)."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kmgpu-png")
-            _pool_pid = os.getpid()
-        return _pool
-
-
-def _forget_pool_in_child() -> None:
-    """A forked child has none of its parent's threads, and a lock one of them held stays held: start over."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+_candidates = ProcessThreads("kmgpu-png")
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -370,6 +348,6 @@ def encode_palette_png(
     if h * w <= _INLINE_PIXELS:
         files = [candidate(*job) for job in jobs]
     else:
-        others = [_candidate_pool().submit(candidate, *job) for job in jobs[1:]]
+        others = [_candidates.get().submit(candidate, *job) for job in jobs[1:]]
         files = [candidate(*jobs[0])] + [f.result() for f in others]
     return min(files, key=len)  # the first of the smallest: the same file however the work was shared

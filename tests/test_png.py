@@ -218,8 +218,8 @@ def test_a_forked_child_encodes_with_threads_of_its_own():
     _, palette, indices = quantized_sample("coffee.png", 64)
     indices = np.ascontiguousarray(indices[:300, :300])  # 90,000 pixels: above the size encoded inline
     parent = encode_palette_png(indices, palette)
-    assert png._pool is not None
-    with png._pool_lock:
+    assert png._candidates.pool is not None
+    with png._candidates.lock:
         pool = multiprocessing.get_context("fork").Pool(1)
     try:
         child = pool.apply_async(encode_palette_png, (indices, palette)).get(timeout=60)
