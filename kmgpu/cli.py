@@ -336,7 +336,7 @@ def run_command(
     writers: Annotated[
         int | None, typer.Option(help="PNG encoding threads; -1: 2 on the CPU, half the cores on CUDA. Default: -1.")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Skip images a previous run in --out finished.")] = True,
+    resume: Annotated[bool, typer.Option(help="Skip images done in --out whose source is unchanged.")] = True,
     overwrite: Annotated[
         bool, typer.Option(help="Start over, or write into a folder that is not a kmgpu run.")
     ] = False,
