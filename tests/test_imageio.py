@@ -10,6 +10,7 @@ from kmgpu import quantize
 from kmgpu.imageio import ImageReadError, load_image, write_atomic
 from kmgpu.metrics import psnr
 
+from .conftest import SAMPLES
 from .images import encoded, exif_rotated_png, photo, png_info, srgb_icc, with_alpha
 
 
@@ -121,14 +122,21 @@ def test_exif_orientation_is_applied(tmp_path):
     np.testing.assert_array_equal(result.reconstruct(), np.asarray(upright))
 
 
-def test_icc_profile_is_carried(tmp_path):
-    icc = srgb_icc()
-    src = tmp_path / "icc.png"
-    photo().save(src, icc_profile=icc)
-    out = tmp_path / "o.png"
-    quantize(src, 16, device="cpu").save(out)
-    with Image.open(out) as im:
-        assert im.info.get("icc_profile") == icc
+def test_icc_profile_is_carried_and_srgb_is_said_in_a_byte(tmp_path):
+    """A profile that is not sRGB (the rocket sample's Adobe RGB) goes into the output byte for byte; an sRGB
+    one becomes an sRGB chunk, which says the same in 13 bytes."""
+    with Image.open(SAMPLES / "rocket.jpg") as im:
+        adobe = im.info["icc_profile"]
+    for icc, name in ((adobe, "adobe"), (srgb_icc(), "srgb")):
+        src = tmp_path / f"{name}.png"
+        photo().save(src, icc_profile=icc)
+        out = tmp_path / f"{name}-out.png"
+        quantize(src, 16, device="cpu").save(out)
+        with Image.open(out) as im:
+            if name == "adobe":
+                assert im.info.get("icc_profile") == icc and "srgb" not in im.info
+            else:
+                assert im.info.get("icc_profile") is None and im.info.get("srgb") == 0
 
 
 def test_animated_gif_uses_first_frame_and_says_so(tmp_path):
