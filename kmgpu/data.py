@@ -132,7 +132,7 @@ def item_key(rel: str) -> int:
 
 class DoneSet:
     """Output paths already done, as a sorted array of their 63-bit keys, with the size and modification
-    time their source had (24 bytes an image).
+    time their source had (25 bytes an image, with the flag of those to do again).
 
     ``rel in done`` says whether an output is done; :meth:`source_changed` whether its source has changed
     since, and :meth:`forget` takes an output out of the set, to do it again.

@@ -13,8 +13,8 @@
 - Resume: a rerun skips what the manifest records as ok and whose output
   exists, from a source of the size and modification time recorded;
   everything else (errors, half-written or missing outputs, sources changed
-  since) is done again. Each image's random stream comes from its own path, so its output is
-  the same bytes whatever batch it lands in.
+  since) is done again. Each image's random stream comes from its own path,
+  so its output is the same bytes whatever batch it lands in.
 """
 
 from __future__ import annotations
