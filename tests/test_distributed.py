@@ -83,13 +83,20 @@ def test_resume_with_another_process_count(tmp_path):
     for r in records[6:]:
         if r["status"] == "ok":
             (half / r["output"]).unlink()
+    touched = next(r for r in records[:6] if r["status"] == "ok")  # its source changed since: done again
+    stamp = os.stat(touched["source"])
+    os.utime(touched["source"], ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
     resumed = torchrun(2, src, half)
     assert resumed.returncode == 1, resumed.stderr[-3000:]
+    assert "1 input(s) changed since they were done" in resumed.stderr + resumed.stdout
     summary = json.loads((half / SUMMARY).read_text())
-    kept_ok = sum(r["status"] == "ok" for r in records[:6])  # a failure among them is tried again
+    kept_ok = sum(r["status"] == "ok" for r in records[:6]) - 1  # a failure among them is tried again
     assert summary["images_skipped"] == kept_ok and summary["images_processed"] == 15 - kept_ok
     same_outputs(whole, half)
-    assert lines(whole) == lines(half)
+    assert [{k: v for k, v in r.items() if k != "mtime_ns"} for r in lines(whole)] == [
+        {k: v for k, v in r.items() if k != "mtime_ns"} for r in lines(half)
+    ]
+    assert {r["output"]: r.get("mtime_ns") for r in lines(half)}[touched["output"]] == stamp.st_mtime_ns + 10**9
 
 
 def item(i: int) -> Item:
