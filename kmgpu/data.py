@@ -134,28 +134,18 @@ class DoneSet:
     """Output paths already done, as a sorted array of their 63-bit keys, with the size and modification
     time their source had (25 bytes an image, with the flag of those to do again).
 
-    ``rel in done`` says whether an output is done; :meth:`source_changed` whether its source has changed
-    since, and :meth:`forget` takes an output out of the set, to do it again.
+    ``keys`` are the outputs' :func:`item_key` (any int64 sequence), ``sizes`` and ``mtimes`` (ns) their
+    sources' (-1 or None: not known); a key given twice keeps its first. ``rel in done`` says whether an
+    output is done; :meth:`recheck` also compares its source with what was recorded.
     """
 
-    def __init__(self, rels=()):
-        self._set(np.fromiter((item_key(r) for r in rels), dtype=np.int64))
-
-    def _set(self, keys, sizes=None, mtimes=None) -> None:
+    def __init__(self, keys=(), sizes=None, mtimes=None):
         keys = np.asarray(keys, dtype=np.int64)
         self.keys, first = np.unique(keys, return_index=True)
         unknown = np.full(keys.size, -1, dtype=np.int64)
         self.sizes = (unknown if sizes is None else np.asarray(sizes, dtype=np.int64))[first]
         self.mtimes = (unknown if mtimes is None else np.asarray(mtimes, dtype=np.int64))[first]
         self.live = np.ones(self.keys.size, dtype=bool)
-
-    @classmethod
-    def from_keys(cls, keys, sizes=None, mtimes=None) -> DoneSet:
-        """The set of the outputs whose :func:`item_key` are ``keys`` (any int64 sequence), their sources of
-        ``sizes`` bytes modified at ``mtimes`` (ns; -1 or None: not known). A key given twice keeps its first."""
-        done = cls()
-        done._set(keys, sizes, mtimes)
-        return done
 
     def __len__(self) -> int:
         return int(self.live.sum())
@@ -168,24 +158,22 @@ class DoneSet:
     def __contains__(self, rel: str) -> bool:
         return self._find(rel) >= 0
 
-    def source_changed(self, rel: str, source: Path) -> bool:
-        """Whether the done output ``rel``'s source file now has another size or modification time than when
-        it was done (or cannot be read). What was not recorded is not compared."""
+    def recheck(self, rel: str, source: Path) -> bool | None:
+        """None when the output ``rel`` is not done; True when it is and its source file still has the size
+        and modification time recorded (what was not recorded is not compared); False when the source has
+        changed since (or cannot be read), and ``rel`` is then taken out of the set, to be done again."""
         i = self._find(rel)
         if i < 0:
-            return False
+            return None
         try:
             info = os.stat(source)
         except OSError:
-            return True
+            info = None
         size, mtime = int(self.sizes[i]), int(self.mtimes[i])
-        return (size >= 0 and info.st_size != size) or (mtime >= 0 and info.st_mtime_ns != mtime)
-
-    def forget(self, rel: str) -> None:
-        """Take ``rel`` out of the set: it is to be done again."""
-        i = self._find(rel)
-        if i >= 0:
+        if info is None or (size >= 0 and info.st_size != size) or (mtime >= 0 and info.st_mtime_ns != mtime):
             self.live[i] = False
+            return False
+        return True
 
 
 @dataclass

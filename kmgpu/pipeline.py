@@ -181,17 +181,28 @@ def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
         return DoneSet()
     # Keep the lines of the images that are done (recorded ok, output present), once each (the
     # first), in walk order; streamed, so memory does not grow with the number of images.
-    keys, sizes, mtimes, kept = array("q"), array("q"), array("q"), None
     with atomic_file(manifest, text=True) as f:
-        for record in sorted_records(manifest, _order_key):
-            at = _order_key(record)
-            if at != kept and _is_done(out, record):
-                kept = at
-                keys.append(item_key(record["output"]))
-                sizes.append(_stamp(record, "bytes_in"))
-                mtimes.append(_stamp(record, "mtime_ns"))
-                f.write(json.dumps(record) + "\n")
-    return DoneSet.from_keys(keys, sizes, mtimes)
+
+        def kept() -> Iterator[dict]:
+            at_last = None
+            for record in sorted_records(manifest, _order_key):
+                at = _order_key(record)
+                if at != at_last and _is_done(out, record):
+                    at_last = at
+                    f.write(json.dumps(record) + "\n")
+                    yield record
+
+        return _done_set(kept())
+
+
+def _done_set(records: Iterator[dict]) -> DoneSet:
+    """The outputs of ``records`` (each done) and their sources' sizes and times, as a :class:`DoneSet`."""
+    keys, sizes, mtimes = array("q"), array("q"), array("q")
+    for record in records:
+        keys.append(item_key(record["output"]))
+        sizes.append(_stamp(record, "bytes_in"))
+        mtimes.append(_stamp(record, "mtime_ns"))
+    return DoneSet(keys, sizes, mtimes)
 
 
 def _stamp(record: dict, field: str) -> int:
@@ -224,13 +235,7 @@ def _is_done(out: Path, record: dict) -> bool:
 
 def _load_done(out: Path) -> DoneSet:
     """What the manifest records as done: read-only, for ranks other than 0."""
-    keys, sizes, mtimes = array("q"), array("q"), array("q")
-    for record in read_manifest(out / MANIFEST):
-        if _is_done(out, record):
-            keys.append(item_key(record["output"]))
-            sizes.append(_stamp(record, "bytes_in"))
-            mtimes.append(_stamp(record, "mtime_ns"))
-    return DoneSet.from_keys(keys, sizes, mtimes)
+    return _done_set(r for r in read_manifest(out / MANIFEST) if _is_done(out, r))
 
 
 def _finalize_manifest(manifest: Path) -> None:
@@ -483,12 +488,9 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     listed = skipped = changed = 0
     for item in scan(sources, prefix_sources=several, on_error=unreadable.append):
         listed += 1
-        if item.rel in done:
-            if done.source_changed(item.rel, item.path):  # edited or replaced since: done again
-                done.forget(item.rel)
-                changed += 1
-            else:
-                skipped += 1
+        state = done.recheck(item.rel, item.path)  # False: edited or replaced since, so done again
+        skipped += state is True
+        changed += state is False
     if ctx.is_main:
         for message in unreadable:
             note(message)
