@@ -19,7 +19,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .imageio import DEFAULT_MAX_PIXELS
-from .png import level_error, palette_size_error
+from .png import DEFAULT_LEVEL, level_error, palette_size_error
 
 __all__ = ["ConfigError", "RunConfig", "load_config"]
 
@@ -72,9 +72,10 @@ class RunConfig:
         PSNR/SSIM); -1 chooses: 2 on the CPU, where the worker processes
         encode, and on CUDA half the cores, 8 at most (zlib releases the GIL).
     level : int
-        Compression level of the PNGs, 0 to 12: 0-9 zlib's (6: files as
-        small as Pillow's, or smaller), 10-12 libdeflate's near-optimal
-        parsing (files 4-5% smaller than at 6, 3-7x the encoding time).
+        Compression level of the PNGs, 0 to 12 (:func:`kmgpu.png.encode_palette_png`):
+        7, libdeflate's, as small as zlib's 6 in half its time; 8-9 zlib's
+        (0.5% smaller, 2-3x the time); 10-12 libdeflate's near-optimal
+        parsing (files 4-5% smaller than at 7, 3-7x the encoding time).
     max_pixels : int
         Images above this are refused before decoding.
     refine_iter, starts, coarse_bits, max_iter, tol
@@ -91,7 +92,7 @@ class RunConfig:
     batch_pixels: int = 16_000_000
     workers: int = -1
     writers: int = -1
-    level: int = 6
+    level: int = DEFAULT_LEVEL
     max_pixels: int = DEFAULT_MAX_PIXELS
     refine_iter: int = 10
     starts: int = 0

@@ -36,7 +36,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .png import encode_palette_png, writer_order
+from .png import DEFAULT_LEVEL, encode_palette_png, writer_order
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -309,8 +309,8 @@ def png_palette(palette: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 def in_png_order(palette: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The palette (k, C) in the order the PNG writer stores it (:func:`kmgpu.png.writer_order`), indices to match.
 
-    A palette already in that order goes into the file as it is, so the
-    file is never larger than Pillow's save of the same palette and indices.
+    A palette already in that order goes into the file as it is (the
+    writer does not work the order out again).
     """
     permutation = writer_order(*png_palette(palette))
     if permutation is None:
@@ -324,7 +324,7 @@ def palette_png_bytes(
     palette: np.ndarray,
     *,
     icc_profile: bytes | None = None,
-    level: int = 6,
+    level: int = DEFAULT_LEVEL,
     in_writer_order: bool = False,
 ) -> bytes:
     """Encode an index map (H, W) and a palette (k, C), C = 1 to 4 channels, as palette PNG bytes.

@@ -15,19 +15,27 @@ palette order. Measured on the bundled samples at k = 64 and 256
   20 photos and scans at k = 64 and 256, 100 bench-folder images at k=64).
   Neither a sample of the rows nor their first half predicted which, so
   both are compressed and the smaller is kept: the file is never larger
-  than the unfiltered one, which is what Pillow writes.
+  than the unfiltered stream alone.
 - **Runs.** The filtered rows are deflated with zlib's Z_RLE strategy
   (matches at distance 1 only: the runs the filters leave), not Z_FILTERED.
-  With the unfiltered stream beside it, at level 6: 0.8% fewer bytes on 13
-  photos at k = 16, 64, 256 in 0.75x the encoding CPU time of Z_FILTERED at
-  level 5 (scripts/bench_png.py --extra), 2.9% fewer on the bench folder
-  (scripts/bench_run.py). zlib's level does not change this stream; at
-  level 9, Z_FILTERED in its place was 0.5% larger and 50x slower to deflate.
-- **Deflate.** Levels 0 to 9 are zlib's, streamed block by block. Levels 10
-  to 12 are libdeflate's near-optimal parsing: on 60 bench-folder images at
-  k=64, level 10 took 3.8x the deflate time of level 6 for files 7.5% smaller,
-  and 12 took 8.6x for 8.8% smaller (zlib's 9: 0.7% smaller); on 13 other
-  photos at k = 16, 64, 256, 5.2% and 5.8% (scripts/bench_png.py).
+  On the 140 maps the filtered stream came out 3.1% smaller so in a quarter
+  of the time, and with the unfiltered stream beside it the files of 13
+  photos at k = 16, 64, 256 were 0.8% smaller, the bench folder's 2.9%.
+  zlib's level does not change this stream.
+- **Deflate.** The unfiltered stream goes to libdeflate, which has no
+  Z_RLE: on the 8-bit maps of those 140, its level 7 made the best of the two
+  streams the same size as zlib's 6 did (+0.02%) in 0.46x its deflate time
+  (20.9 against 45.1 ms a megapixel), and each of its levels 1 to 7 was
+  smaller and faster than zlib's same level. Its 8 and 9 were not (+0.11%,
+  +0.06%, slower than 7), so at levels 8 and 9 the unfiltered stream is
+  zlib's (-0.44%, -0.49%). Levels 10 to 12 are libdeflate's near-optimal
+  parsing, for a filtered stream too: on 60 bench-folder images at k=64,
+  level 10 took 3.8x the deflate time of zlib's 6 for files 7.5% smaller,
+  and 12 took 8.6x for 8.8% smaller; on 13 other photos at k = 16, 64, 256,
+  5.2% and 5.8% (scripts/bench_png.py). libdeflate takes a stream whole (it
+  has no streaming mode), so above ``_WHOLE_BYTES`` of scanlines (32 MP) levels
+  1 to 7 go to zlib at the same level, streamed block by block as every zlib
+  stream is; 10 to 12 stay libdeflate's.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from .threads import ProcessThreads
 
 __all__ = [
     "MAX_LEVEL",
+    "DEFAULT_LEVEL",
     "encode_palette_png",
     "bit_depth_for",
     "smooth_order",
@@ -54,7 +63,10 @@ __all__ = [
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-# zlib's levels go up to 9; those above are libdeflate's near-optimal parsing (see the module's notes).
+# The default: libdeflate's 7 (see the module's notes). zlib's levels go up to 9; the unfiltered
+# stream is zlib's at 8 and 9, libdeflate's at the others (above 9, its near-optimal parsing).
+DEFAULT_LEVEL = 7
+_ZLIB_LEVELS = (8, 9)
 _ZLIB_MAX_LEVEL = 9
 MAX_LEVEL = 12
 
@@ -63,7 +75,7 @@ def level_error(level: int) -> str | None:
     """Why ``level`` cannot be the compression level asked for, or None when it can."""
     if 0 <= level <= MAX_LEVEL:
         return None
-    return f"level={level} is out of range: levels are 0 to {MAX_LEVEL} (0-9 zlib's, 10-12 libdeflate's slowest)"
+    return f"level={level} is out of range: levels are 0 to {MAX_LEVEL} (default {DEFAULT_LEVEL}; 10-12 slowest)"
 
 
 def palette_size_error(k: int) -> str | None:
@@ -221,19 +233,27 @@ def _scanlines(rows: np.ndarray, adaptive: bool, filters: tuple[int, ...] = _ALL
         yield _filtered(rows[r : r + step], adaptive, rows[r - 1 : r] if r else None, filters).tobytes()
 
 
-def _deflate(scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
-    """One zlib stream of the blocks; zlib's output does not depend on how its input is cut.
+# libdeflate takes a stream whole: above this many bytes of scanlines, levels 1 to 7 stream zlib's instead.
+_WHOLE_BYTES = 2**25
 
-    Above level 9 libdeflate deflates the whole stream at once (it has no
-    streaming mode; the stream is one byte per pixel, the size of the index
-    map), and ``strategy`` does not apply.
+
+def _deflate(scanlines: Iterable[bytes], level: int, strategy: int | None) -> bytes:
+    """One zlib stream of the blocks.
+
+    ``strategy`` None: libdeflate's at ``level``, which takes the stream
+    whole (it has no streaming mode; the stream is one byte per pixel, the
+    size of the index map). Otherwise zlib's, with that strategy, block by
+    block: zlib's output does not depend on how its input is cut.
     """
-    if level > _ZLIB_MAX_LEVEL:
+    if strategy is None:
         try:
-            import deflate as libdeflate  # here: levels 0-9 run without it
+            import deflate as libdeflate  # a dependency; here, so that --help and report need not load it
         except ImportError as err:
-            raise RuntimeError(f"level {level} needs libdeflate's Python package: pip install deflate") from err
-        return bytes(libdeflate.zlib_compress(b"".join(scanlines), level))
+            if level > _ZLIB_MAX_LEVEL:
+                raise RuntimeError(f"level {level} needs libdeflate's Python package: pip install deflate") from err
+            strategy = zlib.Z_DEFAULT_STRATEGY  # a checkout on a bare PYTHONPATH: zlib's same level
+        else:
+            return bytes(libdeflate.zlib_compress(b"".join(scanlines), level))
     z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
     out = [z.compress(block) for block in scanlines]
     out.append(z.flush())
@@ -258,7 +278,7 @@ def encode_palette_png(
     *,
     alpha: np.ndarray | None = None,
     icc_profile: bytes | None = None,
-    level: int = 6,
+    level: int = DEFAULT_LEVEL,
     reorder: bool = True,
 ) -> bytes:
     """Encode an index map and its palette as a palette PNG (color type 3).
@@ -275,12 +295,12 @@ def encode_palette_png(
         An RGB ICC profile, written as an iCCP chunk; or, where its colors
         are sRGB's (:func:`kmgpu.icc.srgb_intent`), as an sRGB chunk.
     level : int
-        0 to 12. Up to 9, zlib's levels: the default, 6, is zlib's own and
-        Pillow's; on 13 photos at k = 16, 64, 256 level 9 took 3.4x the
-        encoding CPU time for files 0.6% smaller (the run-length stream is
-        the same at every level). 10 to 12: libdeflate's near-optimal
-        parsing, every candidate stream at that level, and the run-length
-        one beside them (see the module's notes).
+        0 to 12: 0 stores the rows undeflated; the default, 7, is libdeflate's,
+        which on index maps gives zlib's level-6 sizes in half its time; 8
+        and 9 deflate the unfiltered stream with zlib's (0.5% smaller, 2-3x
+        the encoding time); 10 to 12, libdeflate's near-optimal parsing,
+        every stream at that level and the run-length one beside them (see
+        the module's notes).
     reorder : bool
         Reorder the palette smoothly (the decoded pixels are the same).
 
@@ -296,11 +316,11 @@ def encode_palette_png(
     h, w = indices.shape
     indices = np.ascontiguousarray(indices, dtype=np.uint8)
     given = (palette, alpha, _pack_rows(indices, bits))
-    smooth = given
+    layout = given
     permutation = writer_order(palette, alpha) if reorder else None
     if permutation is not None:
         order, rank = permutation
-        smooth = (palette[order], None if alpha is None else alpha[order], _pack_rows(rank[indices], bits))
+        layout = (palette[order], None if alpha is None else alpha[order], _pack_rows(rank[indices], bits))
 
     head = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
     if icc_profile:
@@ -310,46 +330,36 @@ def encode_palette_png(
         else:
             head.append(_chunk(b"sRGB", bytes([intent])))
 
-    def file(layout, scanlines: Iterable[bytes], level: int, strategy: int) -> bytes:
-        pal, alp, _ = layout
-        out = list(head)
-        out.append(_chunk(b"PLTE", np.ascontiguousarray(pal, dtype=np.uint8).tobytes()))
+    def candidate(layout, adaptive: bool, filters: tuple[int, ...], level: int, strategy: int | None) -> bytes:
+        pal, alp, rows = layout
+        out = [*head, _chunk(b"PLTE", np.ascontiguousarray(pal, dtype=np.uint8).tobytes())]
         if alp is not None and bool((alp < 255).any()):
             last = int(np.nonzero(alp < 255)[0].max())
             out.append(_chunk(b"tRNS", np.ascontiguousarray(alp[: last + 1], dtype=np.uint8).tobytes()))
-        out.append(_chunk(b"IDAT", _deflate(scanlines, level, strategy)))
+        out.append(_chunk(b"IDAT", _deflate(_scanlines(rows, adaptive, filters), level, strategy)))
         out.append(_chunk(b"IEND", b""))
         return b"".join(out)
 
     if level == 0:
-        return file(smooth, _scanlines(smooth[2], False), 0, zlib.Z_DEFAULT_STRATEGY)
-    # Candidates, the smallest wins:
-    # - no filter at ``level``. At 8 bits per pixel the palette stays in the
-    #   order given: at level 6 that is, byte for byte, what Pillow writes for
-    #   these pixels, so the file is never larger than Pillow's. Packed (1 to
-    #   4 bits) it takes the smooth order, which packs better;
-    # - adaptive filters on the smooth order, which gives the filters
-    #   neighbouring colors to predict from, deflated with zlib's Z_RLE
-    #   strategy (see the module's notes; zlib ignores the level there). At
-    #   8 bits libpng's filters; packed, Pillow's (see _PACKED_FILTERS);
-    # - packed: Pillow's stream itself, its filters on the order given with
-    #   Z_FILTERED at ``level``, so that here too the file is never larger
-    #   than Pillow's. (On 20 photos at k=16 and k=4 it won none, the plain
-    #   one 11; the three together came out 2.0% smaller than with Z_FILTERED
-    #   for the smooth order's filtered rows, on which Z_RLE took a tenth of
-    #   the time.)
-    # Above level 9 every stream is libdeflate's, which has no strategies, and the Z_RLE one
-    # comes as well: it costs little and won 8 of the 140 index maps at level 10.
+        return candidate(layout, False, _ALL_FILTERS, 0, zlib.Z_DEFAULT_STRATEGY)
+    # Candidates, the smallest wins, on the smooth order (which gives the filters neighbouring
+    # colors to predict from, and packs better at 1 to 4 bits):
+    # - no filter, libdeflate's at ``level`` (zlib's at 8 and 9, and past _WHOLE_BYTES);
+    # - adaptive filters, deflated with zlib's Z_RLE strategy (see the module's notes; zlib ignores
+    #   the level there). At 8 bits libpng's filters; packed, Pillow's (see _PACKED_FILTERS);
+    # - above level 9, the same filtered rows at libdeflate's near-optimal parsing as well, which
+    #   has no strategies (the run-length stream still won 8 of the 140 index maps at level 10);
+    # - packed (1 to 4 bits, streams of half a byte a pixel at most) where the smooth order is not
+    #   the order given: the given order's filtered rows too, for indices laid out in that order.
     filters = _ALL_FILTERS if bits == 8 else _PACKED_FILTERS
-    jobs = [(given if bits == 8 else smooth, False, filters, level, zlib.Z_DEFAULT_STRATEGY)]
-    jobs.append((smooth, True, filters, min(level, _ZLIB_MAX_LEVEL), zlib.Z_RLE))
+    rows = layout[2]
+    whole = level > _ZLIB_MAX_LEVEL or (level not in _ZLIB_LEVELS and h * (rows.shape[1] + 1) <= _WHOLE_BYTES)
+    jobs = [(layout, False, filters, level, None if whole else zlib.Z_DEFAULT_STRATEGY)]
+    jobs.append((layout, True, filters, min(level, _ZLIB_MAX_LEVEL), zlib.Z_RLE))
     if level > _ZLIB_MAX_LEVEL:
-        jobs.append((smooth, True, filters, level, zlib.Z_DEFAULT_STRATEGY))
-    if bits < 8 and (smooth is not given or level <= _ZLIB_MAX_LEVEL):
-        jobs.append((given, True, filters, level, zlib.Z_FILTERED))
-
-    def candidate(layout, adaptive: bool, filters: tuple[int, ...], level: int, strategy: int) -> bytes:
-        return file(layout, _scanlines(layout[2], adaptive, filters), level, strategy)
+        jobs.append((layout, True, filters, level, None))
+    if bits < 8 and layout is not given:
+        jobs.append((given, True, filters, min(level, _ZLIB_MAX_LEVEL), zlib.Z_RLE))
 
     if h * w <= _INLINE_PIXELS:
         files = [candidate(*job) for job in jobs]

@@ -51,7 +51,7 @@ from .imageio import (
 )
 from .kmeans import assign, kmeans
 from .metrics import quality_indexed, quality_of
-from .png import palette_size_error
+from .png import DEFAULT_LEVEL, palette_size_error
 from .timing import StageClock, stage
 
 __all__ = [
@@ -756,14 +756,14 @@ class QuantizedImage:
         """SSIM of the luma against the decoded input."""
         return self._measure()[1]
 
-    def png_bytes(self, *, level: int = 6) -> bytes:
+    def png_bytes(self, *, level: int = DEFAULT_LEVEL) -> bytes:
         """The palette PNG, with the input's RGB ICC profile."""
         ordered = self._ordered == (self.palette.shape, self.palette.tobytes())
         return palette_png_bytes(
             self.indices, self.palette, icc_profile=self.source.icc_profile, level=level, in_writer_order=ordered
         )
 
-    def save(self, path: str | os.PathLike, *, level: int = 6) -> int:
+    def save(self, path: str | os.PathLike, *, level: int = DEFAULT_LEVEL) -> int:
         """Write the palette PNG atomically; refuses to overwrite the input. Returns its size in bytes."""
         dest = Path(path)
         src = self.source.path

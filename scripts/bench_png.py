@@ -6,11 +6,13 @@ turns (setting after setting, ``--repeats`` rounds, the fastest round kept), so 
 slow minute of the machine does not fall on one setting only. Settings:
 
 - ``default``: what ``kmgpu.png.encode_palette_png`` does (the smallest of an unfiltered
-  stream at zlib level 6 and adaptively filtered ones, the smooth order's with Z_RLE);
-- ``filtered@L``: the same, with the smooth order's filtered stream deflated with
-  Z_FILTERED at zlib level L (at 8 bits, level 5 was the default until session 18);
-- ``level L``: ``encode_palette_png(level=L)``: zlib's 9, and libdeflate's 10 to 12
-  (every stream at that level).
+  stream at libdeflate's level 7 and adaptively filtered ones with zlib's Z_RLE);
+- ``zlib 6``: the same with the unfiltered stream at zlib's level 6 (the default until
+  session 19; at 8 bits Pillow's own stream);
+- ``zlib 6, filtered@5``: that, with the filtered stream deflated with Z_FILTERED at zlib
+  level 5 in place of Z_RLE (the default until session 18);
+- ``level L``: ``encode_palette_png(level=L)``: libdeflate's 6, zlib's 9, and libdeflate's
+  10 to 12 (every stream at that level).
 
     python scripts/bench_png.py            # the bundled samples, k = 16, 64, 256
     python scripts/bench_png.py --extra    # also the images bench_compress.py --extra uses
@@ -30,21 +32,23 @@ from kmgpu.imageio import SAMPLES_DIR
 
 
 @contextmanager
-def filtered_level(level: int | None = None):
-    """Patch the encoder's deflate so that the smooth order's filtered stream (Z_RLE) is deflated with
-    Z_FILTERED at ``level`` (None: as the encoder does)."""
-    real = png._deflate
+def earlier_encoder(zlib_plain: bool = False, filtered_level: int | None = None):
+    """Patch the encoder as it was: ``zlib_plain``, the unfiltered stream at zlib's level 6 (not
+    libdeflate's); ``filtered_level``, the filtered stream deflated with Z_FILTERED at that zlib level
+    (not Z_RLE). Neither: as the encoder is."""
+    real, zlib_levels = png._deflate, png._ZLIB_LEVELS
 
     def deflate(scanlines, lvl, strategy):
-        if strategy == zlib.Z_RLE and level is not None and lvl <= 9:
-            return real(scanlines, level, zlib.Z_FILTERED)
+        if strategy == zlib.Z_RLE and filtered_level is not None and lvl <= 9:
+            return real(scanlines, filtered_level, zlib.Z_FILTERED)
         return real(scanlines, lvl, strategy)
 
     png._deflate = deflate
+    png._ZLIB_LEVELS = (6, *zlib_levels) if zlib_plain else zlib_levels
     try:
         yield
     finally:
-        png._deflate = real
+        png._deflate, png._ZLIB_LEVELS = real, zlib_levels
 
 
 def main() -> None:
@@ -58,19 +62,19 @@ def main() -> None:
         paths += extra_images()
     ks = [int(v) for v in args.k.split(",")]
     maps = [(q.indices, q.palette) for p in paths for k in ks for q in [quantize(p, k, device="cpu")]]
-    # name: (the encoder's level, the filtered stream's zlib level when patched)
+    # name: (the encoder's level, earlier_encoder's arguments)
     settings = {
-        "default": (6, None),
-        "filtered@5": (6, 5),
-        "filtered@6": (6, 6),
-        **{f"level {level}": (level, None) for level in (9, 10, 11, 12)},
+        "default": (png.DEFAULT_LEVEL, {}),
+        "zlib 6": (6, {"zlib_plain": True}),
+        "zlib 6, filtered@5": (6, {"zlib_plain": True, "filtered_level": 5}),
+        **{f"level {level}": (level, {}) for level in (6, 9, 10, 11, 12)},
     }
     best = {name: float("inf") for name in settings}
     cpu = dict(best)  # the candidates run side by side: the wall time hides what the second one costs
     sizes = {}
     for _ in range(args.repeats):
-        for name, (level, filtered) in settings.items():
-            with filtered_level(filtered):
+        for name, (level, patch) in settings.items():
+            with earlier_encoder(**patch):
                 t0, c0 = time.perf_counter(), time.process_time()
                 sizes[name] = sum(len(png.encode_palette_png(i, p, level=level)) for i, p in maps)
                 best[name] = min(best[name], time.perf_counter() - t0)

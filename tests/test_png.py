@@ -86,14 +86,14 @@ def pillow_plain_save(indices: np.ndarray, palette: np.ndarray) -> int:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_never_larger_than_pillows_plain_save_even_where_nothing_helps(seed):
-    # Noise: no palette order and no filter can help, so only Pillow's own stream is as small.
+def test_within_a_hair_of_pillows_plain_save_where_nothing_helps(seed):
+    # Noise: no palette order and no filter can help; libdeflate's unfiltered stream is then about zlib's.
     rng = np.random.default_rng(seed)
     palette = rng.integers(0, 256, (200, 3), dtype=np.uint8)
     indices = rng.integers(0, 200, (97, 131), dtype=np.uint8)
     indices[:, :40] = indices[:, :1]  # and some runs, that deflate can find
     ours = encode_palette_png(indices, palette)
-    assert len(ours) <= pillow_plain_save(indices, palette)
+    assert len(ours) <= 1.002 * pillow_plain_save(indices, palette)
     np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), palette[indices])
 
 
@@ -122,14 +122,16 @@ def test_packed_rows_filtered_as_pillow_are_pillows_stream(k):
 
 @settings(max_examples=30, deadline=None)
 @given(k=st.integers(2, 16), seed=st.integers(0, 2**32 - 1))
-def test_packed_files_are_never_larger_than_pillows_in_any_palette_order(k, seed):
+def test_packed_files_in_any_palette_order_are_no_larger_than_pillows(k, seed):
+    """Indices laid out in the order given (here ramps of it) stay as small as Pillow's file of them: the given
+    order's filtered rows are a candidate beside the smooth order's. (Without it, up to 1.49x; 300 seeds.)"""
     rng = np.random.default_rng(seed)
     palette = rng.integers(0, 256, (k, 3), dtype=np.uint8)  # any order: the smooth one is seldom it
     yy, xx = np.mgrid[0:60, 0:90]
     indices = ((xx + yy * rng.integers(0, 3)) // rng.integers(1, 12) + rng.integers(0, 2, (60, 90))) % k
     indices = indices.astype(np.uint8)
     ours = encode_palette_png(indices, palette)
-    assert len(ours) <= pillow_plain_save(indices, palette)
+    assert len(ours) <= 1.01 * pillow_plain_save(indices, palette)
     np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), palette[indices])
 
 
@@ -144,25 +146,74 @@ def quantized_sample(name: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 @pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
-@pytest.mark.parametrize("k", [16, 64, 256])
-def test_never_larger_than_pillows_plain_save(name, k):
-    palette, rgb, indices = quantized_sample(name, k)
-    ours = encode_palette_png(indices, rgb)
-    assert len(ours) <= pillow_plain_save(indices, palette)
-    np.testing.assert_array_equal(np.asarray(decode(ours).convert("RGB")), rgb[indices])
+def test_smaller_than_pillows_plain_save_of_each_photo(name):
+    """Over k = 16, 64 and 256 each photo's files are smaller in total than Pillow's plain saves of the same
+    indices (2.4% to 15% measured), and no one file is more than 2% larger (rocket at k=64: 1.6%)."""
+    ours = pillows = 0
+    for k in (16, 64, 256):
+        palette, rgb, indices = quantized_sample(name, k)
+        data = encode_palette_png(indices, rgb)
+        np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
+        pillow = pillow_plain_save(indices, palette)
+        assert len(data) <= 1.02 * pillow
+        ours, pillows = ours + len(data), pillows + pillow
+    assert ours < 0.98 * pillows
+
+
+def test_the_default_level_is_libdeflates_and_as_small_as_zlibs_6(monkeypatch):
+    """The unfiltered stream goes to libdeflate at the default level, 7: on the samples at k = 16, 64, 256 the
+    files are within 0.2% in total of what zlib's 6 in its place gives (0.12% smaller measured), which takes twice
+    the time (scripts/bench_png.py)."""
+    names = ("astronaut.png", "camera.png", "coffee.png", "rocket.jpg")
+    maps = [quantized_sample(name, k)[1:] for name in names for k in (16, 64, 256)]
+    strategies = []
+    real = png._deflate
+    monkeypatch.setattr(png, "_deflate", lambda rows, level, s: strategies.append((level, s)) or real(rows, level, s))
+    ours = [encode_palette_png(indices, rgb) for rgb, indices in maps]
+    assert png.DEFAULT_LEVEL == 7 and (7, None) in strategies and (6, zlib.Z_DEFAULT_STRATEGY) not in strategies
+    monkeypatch.setattr(png, "_ZLIB_LEVELS", (6, 8, 9))  # level 6 as zlib's, the encoder's default until session 19
+    zlibs = [encode_palette_png(indices, rgb, level=6) for rgb, indices in maps]
+    assert (6, zlib.Z_DEFAULT_STRATEGY) in strategies
+    assert sum(map(len, ours)) <= 1.002 * sum(map(len, zlibs))
+    for (rgb, indices), data in zip(maps, ours):
+        np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
+
+
+def test_past_the_whole_stream_limit_the_unfiltered_rows_stream_through_zlib(monkeypatch):
+    """libdeflate takes a stream whole; above _WHOLE_BYTES the unfiltered one goes to zlib at the same level, block
+    by block, so memory stays bounded on huge images. Only the choice of deflate changes: the same pixels."""
+    _, rgb, indices = quantized_sample("coffee.png", 64)
+    indices = np.ascontiguousarray(indices[:120, :200])
+    small = encode_palette_png(indices, rgb)
+    calls = []
+    real = png._deflate
+
+    def deflate(scanlines, level, strategy):
+        blocks = list(scanlines)
+        calls.append((level, strategy, len(blocks)))
+        return real(iter(blocks), level, strategy)
+
+    monkeypatch.setattr(png, "_deflate", deflate)
+    monkeypatch.setattr(png, "_BLOCK_BYTES", 2_000)  # ten rows a block
+    monkeypatch.setattr(png, "_WHOLE_BYTES", 120 * 201 - 1)  # one byte short of this image's unfiltered stream
+    huge = encode_palette_png(indices, rgb)
+    assert (7, zlib.Z_DEFAULT_STRATEGY, 12) in calls and not any(s is None for _, s, _ in calls)
+    monkeypatch.setattr(png, "_WHOLE_BYTES", 120 * 201)
+    assert encode_palette_png(indices, rgb) == small and (7, None, 12) in calls
+    for data in (small, huge):
+        np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
 
 
 def test_filtered_rows_go_to_zlib_as_runs_and_pay_on_photos(monkeypatch):
     """The filtered candidate is deflated with Z_RLE: on the samples at k = 16, 64 and 256 the files come out
-    smaller in total than with Z_FILTERED at level 5 in its place (the encoder's choice until session 18), and
-    no file is larger than its unfiltered stream alone, Pillow's."""
+    smaller in total than with Z_FILTERED at level 5 in its place (the encoder's choice until session 18)."""
     maps = [quantized_sample(name, k)[1:] for name in ("astronaut.png", "coffee.png", "rocket.jpg") for k in (16, 64)]
     maps += [quantized_sample("coffee.png", 256)[1:]]
     strategies = []
     real = png._deflate
     monkeypatch.setattr(png, "_deflate", lambda rows, level, s: strategies.append(s) or real(rows, level, s))
     ours = [encode_palette_png(indices, rgb) for rgb, indices in maps]
-    assert zlib.Z_RLE in strategies and zlib.Z_DEFAULT_STRATEGY in strategies
+    assert zlib.Z_RLE in strategies and None in strategies  # None: libdeflate's
 
     def as_before(rows, level, strategy):
         return real(rows, 5, zlib.Z_FILTERED) if strategy == zlib.Z_RLE else real(rows, level, strategy)
@@ -171,40 +222,41 @@ def test_filtered_rows_go_to_zlib_as_runs_and_pay_on_photos(monkeypatch):
     before = [encode_palette_png(indices, rgb) for rgb, indices in maps]
     assert sum(map(len, ours)) < 0.995 * sum(map(len, before))
     for (rgb, indices), data in zip(maps, ours):
-        assert len(data) <= pillow_plain_save(indices, rgb)
         np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
 
 
 @pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
 @pytest.mark.parametrize("k", [4, 64, 256])
 def test_levels_above_zlibs_make_smaller_files_of_the_same_pixels(name, k):
-    """Levels 10 and 12 (libdeflate's near-optimal parsing) are never larger than zlib's 6 and 9, and smaller at
-    k >= 64. (At k=4 a run-length stream, the same at every level, can be the smallest of all.)"""
+    """Levels 10 and 12 (libdeflate's near-optimal parsing) are never larger than the default 7 and zlib's 9, and
+    smaller at k >= 64. (At k=4 a run-length stream, the same at every level, can be the smallest of all.)"""
     _, rgb, indices = quantized_sample(name, k)
-    files = {level: encode_palette_png(indices, rgb, level=level) for level in (6, 9, 10, 12)}
+    files = {level: encode_palette_png(indices, rgb, level=level) for level in (7, 9, 10, 12)}
     size = {level: len(data) for level, data in files.items()}
-    assert size[12] <= size[10] <= size[6] and size[12] <= size[9] <= size[6]
+    assert max(size[10], size[12]) <= min(size[7], size[9])  # (12 against 10 goes either way, by 0.2% at most)
     if k >= 64:
-        assert size[10] < size[6] and size[12] < size[9]
+        assert max(size[10], size[12]) < min(size[7], size[9])
     for data in files.values():
         np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[indices])
 
 
-def test_levels_0_to_9_need_no_libdeflate(monkeypatch):
-    monkeypatch.setitem(sys.modules, "deflate", None)  # as if it were not installed
+def test_without_libdeflate_levels_0_to_9_are_zlibs(monkeypatch):
+    """libdeflate is a dependency, but a checkout run from its folder may lack it: levels up to 9 then deflate
+    every stream with zlib (the same pixels); 10 to 12, which ask for it, say what to install."""
     indices, palette = np.arange(64, dtype=np.uint8).reshape(8, 8) % 5, np.arange(15, dtype=np.uint8).reshape(5, 3)
-    for level in (0, 6, 9):
+    with_it = encode_palette_png(indices, palette)
+    monkeypatch.setitem(sys.modules, "deflate", None)  # as if it were not installed
+    for level in (0, 1, 7, 9):
         data = encode_palette_png(indices, palette, level=level)
         np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), palette[indices])
+    assert idat_of(encode_palette_png(indices, palette)) != idat_of(with_it)
     with pytest.raises(RuntimeError, match="level 10 needs libdeflate's Python package: pip install deflate"):
         encode_palette_png(indices, palette, level=10)
 
 
 @pytest.mark.parametrize("level", [-1, 13])
 def test_levels_out_of_range_are_named(level):
-    assert png.level_error(level) == (
-        f"level={level} is out of range: levels are 0 to 12 (0-9 zlib's, 10-12 libdeflate's slowest)"
-    )
+    assert png.level_error(level) == (f"level={level} is out of range: levels are 0 to 12 (default 7; 10-12 slowest)")
     assert png.level_error(0) is None and png.level_error(12) is None
     with pytest.raises(ValueError, match=f"level={level} is out of range"):
         encode_palette_png(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8), level=level)
@@ -246,12 +298,13 @@ def test_rows_are_encoded_in_blocks_with_the_same_bytes(monkeypatch, k):
 @pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "coffee.png", "rocket.jpg"])
 @pytest.mark.parametrize("k", [4, 16, 64])
 def test_quantized_palettes_come_in_the_order_the_file_stores(name, k):
-    """kmgpu.quantize orders its palette as the writer would, so the file is the best of Pillow's stream too."""
+    """kmgpu.quantize orders its palette as the writer would (the writer then skips that work), and its file is
+    about as small as Pillow's plain save of the same indices or smaller."""
     result = quantize(SAMPLES / name, k, device="cpu")
     rgb, alpha = png_palette(result.palette)
     assert alpha is None and smooth_order(rgb).tolist() == list(range(len(rgb)))
     data = result.png_bytes()  # with the source's ICC profile, which the plain save leaves out: compare the IDATs
-    assert len(idat_of(data)) <= len(idat_of(pillow_plain_bytes(result.indices, rgb)))
+    assert len(idat_of(data)) <= 1.02 * len(idat_of(pillow_plain_bytes(result.indices, rgb)))
     np.testing.assert_array_equal(np.asarray(decode(data).convert("RGB")), rgb[result.indices])
 
 

@@ -334,21 +334,21 @@ def test_shipped_configs_load(name):
 
 
 def test_level_reaches_the_files(tmp_path):
-    """--level 10 (libdeflate) writes smaller files of the same pixels than the default zlib level 6."""
+    """--level 10 (libdeflate's near-optimal parsing) writes smaller files of the same pixels than --level 7."""
     src = tmp_path / "photos"
     src.mkdir()
     with Image.open(SAMPLES / "coffee.png") as im:  # a photo: a synthetic one can be all runs, the same at any level
         im.crop((100, 50, 400, 250)).save(src / "p.png")
-    for level in ("6", "10"):
+    for level in ("7", "10"):
         assert run_cli(src, "--level", level, "--out", tmp_path / level).exit_code == 0
-    small, plain = (tmp_path / "10" / "p.png").read_bytes(), (tmp_path / "6" / "p.png").read_bytes()
+    small, plain = (tmp_path / "10" / "p.png").read_bytes(), (tmp_path / "7" / "p.png").read_bytes()
     assert len(small) < len(plain)
-    with Image.open(tmp_path / "10" / "p.png") as a, Image.open(tmp_path / "6" / "p.png") as b:
+    with Image.open(tmp_path / "10" / "p.png") as a, Image.open(tmp_path / "7" / "p.png") as b:
         assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
     assert records(tmp_path / "10")[0]["bytes_out"] == len(small)
     bad = run_cli(src, "--level", "13", "--out", tmp_path / "x")
     assert bad.exit_code == 2 and bad.output.strip().endswith(
-        "level=13 is out of range: levels are 0 to 12 (0-9 zlib's, 10-12 libdeflate's slowest)"
+        "level=13 is out of range: levels are 0 to 12 (default 7; 10-12 slowest)"
     )
     assert not (tmp_path / "x").exists()
 
