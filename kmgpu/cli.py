@@ -11,19 +11,52 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .allocator import keep_freed_memory
 from .imageio import DEFAULT_MAX_PIXELS
 from .png import DEFAULT_LEVEL, level_error, palette_size_error
 
+
+@contextmanager
+def _usage_errors_in_one_line() -> Iterator[None]:
+    """A usage error (an unknown option or command, a missing argument, a value of the wrong type) as one
+    line, ``kmgpu: error: <what> (see kmgpu run --help)``, exit 2: not typer's box of usage and message."""
+    try:
+        yield
+    except Exception as err:
+        # click's ClickException (typer 0.12 to 0.15) or typer's own copy of it (later), by its methods;
+        # no arguments at all still print the help, as typer does.
+        if type(err).__name__ == "NoArgsIsHelpError" or not callable(getattr(err, "format_message", None)):
+            raise
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        _fail(f"{err.format_message().rstrip('.')}{hint}", getattr(err, "exit_code", 2))
+
+
+class _Commands(TyperGroup):
+    """kmgpu's commands, with usage errors in one line (see :func:`_usage_errors_in_one_line`)."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
     name="kmgpu",
+    cls=_Commands,
     help="Compress images by K-means color quantization on the GPU (CPU when there is none).",
     no_args_is_help=True,
     add_completion=False,
@@ -127,7 +160,7 @@ def _fit_options(refine_iter: int, starts: int | None) -> dict:
 
 @app.command()
 def compress(
-    inputs: Annotated[list[Path], typer.Argument(help="Images to compress.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(help="Images to compress.", show_default=False, metavar="IMAGE")],
     k: KOpt = 64,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Output file (one input only).", dir_okay=False)
@@ -231,7 +264,7 @@ def _parse_ks(text: str) -> list[int]:
 
 @app.command()
 def sweep(
-    image: Annotated[Path, typer.Argument(help="The image to sweep.", show_default=False)],
+    image: Annotated[Path, typer.Argument(help="The image to sweep.", show_default=False, metavar="IMAGE")],
     k: Annotated[str, typer.Option("--k", "-k", help="Comma-separated palette sizes.")] = "2,4,8,16,32,64,128,256",
     out_dir: Annotated[
         Path | None, typer.Option("--out-dir", help="Folder for the results. Default: ./STEM-sweep.")
@@ -312,7 +345,8 @@ def _db(value: float) -> str:
 @app.command("run")
 def run_command(
     sources: Annotated[
-        list[Path], typer.Argument(help="Folders (walked recursively) or image files.", show_default=False)
+        list[Path],
+        typer.Argument(help="Folders (walked recursively) or image files.", show_default=False, metavar="SRC"),
     ],
     k: Annotated[int | None, typer.Option("--k", "-k", help="Palette colors per image, 2 to 256. Default: 64.")] = None,
     out: Annotated[
@@ -478,7 +512,9 @@ def _print_summary(s: dict) -> None:
 
 @app.command()
 def report(
-    out_dir: Annotated[Path, typer.Argument(help="The output folder of a kmgpu run.", show_default=False)],
+    out_dir: Annotated[
+        Path, typer.Argument(help="The output folder of a kmgpu run.", show_default=False, metavar="OUT_DIR")
+    ],
     images: Annotated[bool, typer.Option("--images", help="Also print one line per image.")] = False,
 ) -> None:
     """Print the summary of an existing run (and, with --images, a line per image)."""

@@ -144,6 +144,42 @@ def test_bad_flags_are_one_clear_line(tmp_path, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--frames", "2"], ["No such option: --frames", "(see kmgpu run --help)"]),
+        (["run"], ["Missing argument 'SRC", "(see kmgpu run --help)"]),
+        (["report"], ["Missing argument 'OUT_DIR'", "(see kmgpu report --help)"]),
+        (["compres", "p.png"], ["No such command 'compres'", "(see kmgpu --help)"]),
+        (["run", ".", "--k", "many"], ["Invalid value for '--k'"]),
+        (["run", ".", "--dither", "ordered"], ["Invalid value for '--dither'"]),
+    ],
+)
+def test_usage_errors_are_one_line_too(tmp_path, args, message):
+    """An unknown option or command, a missing argument or a value of the wrong type: one line on stderr and
+    exit 2 from the installed command, like kmgpu's own checks, not typer's box of usage and message."""
+    (tmp_path / "p.png").write_bytes(b"untouched")
+    done = subprocess.run(
+        [sys.executable, "-c", "from kmgpu.cli import console; console()", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kmgpu: error: "), done.stderr
+    assert all(part in lines[0] for part in message), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"] and (tmp_path / "p.png").read_bytes() == b"untouched"
+    assert runner.invoke(app, args).exit_code == 2  # the app itself, as the tests call it
+
+
+def test_no_arguments_still_print_the_help():
+    result = runner.invoke(app, [])
+    assert "Usage: kmgpu [OPTIONS] COMMAND" in result.output and "run" in result.output
+    assert "kmgpu: error" not in result.output
+
+
 def test_output_onto_the_input_is_refused(tmp_path):
     src = tmp_path / "p.png"
     photo().save(src)
