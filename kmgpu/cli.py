@@ -145,7 +145,7 @@ KOpt = Annotated[int, typer.Option("--k", "-k", help="Palette colors per image, 
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the K-means initialisation: same seed, same bytes.")]
 DitherOpt = Annotated[Dither, typer.Option(help="fs: Floyd-Steinberg error diffusion (smoother, larger).")]
-_LEVEL_HELP = "PNG compression, 0 to 12: 7 as small as zlib's 6 in half its time; 8-9 zlib's; 10-12 slow, 4-5% smaller."
+_LEVEL_HELP = "PNG compression, 0 to 12: 7 as small as zlib's 6 in half its time; 8-9 zlib's; 10-12 slow, 4% smaller."
 LevelOpt = Annotated[int, typer.Option("--level", help=_LEVEL_HELP)]
 MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse larger images (decompression bombs).", min=1)]
 RefineOpt = Annotated[int, typer.Option(help="Lloyd steps on the exact colors after the coarse fit.", min=0)]
