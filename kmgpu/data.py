@@ -2,8 +2,13 @@
 
 The walk is sorted and streamed: memory does not grow with the number of
 files, and every process (DataLoader workers, torchrun ranks) sees the same
-order. Symbolic links to folders are not followed, so a link loop cannot
-trap the walk; links to files are read. An unreadable folder is reported and
+order. A folder is listed and sorted in memory (about 530 bytes an entry)
+up to ``LISTED_IN_MEMORY`` entries; a larger one through SQLite's private
+temporary database, which sorts on disk (in ``SQLITE_TMPDIR``, ``TMPDIR`` or
+/var/tmp) and is removed as soon as it is made, so that not even a killed
+process leaves it behind.
+Symbolic links to folders are not followed, so a link loop cannot trap the
+walk; links to files are read. An unreadable folder is reported and
 skipped. Every other entry named like an image is an input, a broken link or
 a pipe too: reading it fails with a reason, recorded like any other failure.
 """
@@ -11,9 +16,11 @@ a pipe too: reading it fails with a reason, recorded like any other failure.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,34 +100,125 @@ def scan(
             yield Item(index, src, f"{top}/{rel}" if top else rel, (index, src.name))
 
 
+# Folders of more entries than this are listed on disk (see the module's notes). In memory a listing
+# takes about 530 bytes an entry, 10 MB for these; on disk the walk of a folder of 300,000 files took
+# 26 MB above the import (155 MB in memory) and 4.3 s (3.1 s).
+LISTED_IN_MEMORY = 20_000
+
+
 def _walk(index: int, folder: Path, rel: str, order: tuple, on_error) -> Iterator[Item]:
+    listing: Iterable[tuple[str, bool, str | None]]
     try:
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            head = list(itertools.islice(it, LISTED_IN_MEMORY + 1))
+            if len(head) <= LISTED_IN_MEMORY:
+                listing = _listed_in_memory(head)
+            else:
+                listing = _DiskListing(itertools.chain(head, it))
+            del head
     except OSError as err:
         if on_error is not None:
             on_error(f"{folder}: cannot read folder ({err.strerror or err})")
         return
-    files, names = [], []
-    for entry in entries:
+    try:
+        for name, is_dir, out in listing:
+            child = f"{rel}/{name}" if rel else name
+            if is_dir:
+                yield from _walk(index, folder / name, child, order + (name,), on_error)
+            elif out is not None:
+                yield Item(index, folder / name, f"{rel}/{out}" if rel else out, order + (name,))
+    finally:
+        if isinstance(listing, _DiskListing):
+            listing.close()
+
+
+def _kind(entry: os.DirEntry) -> tuple[bool, bool] | None:
+    """(is a folder, is an input) of a folder entry, or None where it cannot be told. Anything named like an
+    image but a folder (or a link to one) is an input, so that a broken link or a pipe gets a record that
+    says so rather than going unseen."""
+    try:
+        is_dir = entry.is_dir(follow_symlinks=False)
+        is_input = not is_dir and not entry.is_dir() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+    except OSError:
+        return None
+    return is_dir, is_input
+
+
+def _listed_in_memory(entries: list[os.DirEntry]) -> list[tuple[str, bool, str | None]]:
+    """(name, is a folder, output name of an input or None) of each entry, sorted by name."""
+    kinds = [(entry.name, kind) for entry in entries if (kind := _kind(entry)) is not None]
+    kinds.sort(key=lambda pair: pair[0])
+    out_names = _output_names([name for name, (_, is_input) in kinds if is_input])
+    return [(name, is_dir, out_names.get(name)) for name, (is_dir, _) in kinds]
+
+
+class _DiskListing:
+    """:func:`_listed_in_memory` of a large folder, through SQLite's private temporary database.
+
+    Names are stored as their UTF-8 bytes (``surrogatepass``: names that are
+    not UTF-8 keep their escaped bytes), whose order is the order of Python's
+    strings, so the listing comes out exactly as the in-memory one, output
+    names included: an input's target is its stem where no other input
+    shares it, else its name, numbered where an earlier input (by name) has
+    the same target. Iterate once, then :meth:`close`: in the process that
+    made it only (a DataLoader worker forked while the main process walks
+    does not touch the main process's connection).
+    """
+
+    def __init__(self, entries: Iterable[os.DirEntry]):
+        self._pid = os.getpid()
+        # "": a private database on disk, deleted as it is opened (its file gone from the folder at once)
+        self._db = sqlite3.connect("", check_same_thread=False)
         try:
-            is_dir = entry.is_dir(follow_symlinks=False)
-            # Anything else named like an image is an input, so that a broken link or a pipe gets a record
-            # that says so rather than going unseen; a link to a folder is neither.
-            is_file = not is_dir and not entry.is_dir()
-        except OSError:
-            continue
-        if is_file and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
-            names.append(entry.name)
-        files.append((entry, is_dir, is_file))
-    out_names = _output_names(names)
-    for entry, is_dir, is_file in files:
-        child = f"{rel}/{entry.name}" if rel else entry.name
-        if is_dir:
-            yield from _walk(index, Path(entry.path), child, order + (entry.name,), on_error)
-        elif is_file and entry.name in out_names:
-            out = f"{rel}/{out_names[entry.name]}" if rel else out_names[entry.name]
-            yield Item(index, Path(entry.path), out, order + (entry.name,))
+            for pragma in ("journal_mode = OFF", "synchronous = OFF", "temp_store = FILE", "cache_size = -8192"):
+                self._db.execute(f"PRAGMA {pragma}")
+            self._db.execute(
+                "CREATE TABLE e (name BLOB PRIMARY KEY, stem BLOB, dir INTEGER, input INTEGER, target BLOB)"
+                " WITHOUT ROWID"
+            )
+            rows = (
+                (_blob(entry.name), _blob(os.path.splitext(entry.name)[0]), kind[0], kind[1])
+                for entry in entries
+                if (kind := _kind(entry)) is not None
+            )
+            while batch := list(itertools.islice(rows, 10_000)):
+                self._db.executemany("INSERT INTO e (name, stem, dir, input) VALUES (?, ?, ?, ?)", batch)
+            self._db.execute("CREATE INDEX by_stem ON e (input, stem)")
+            self._db.execute(
+                "UPDATE e SET target = CASE"
+                " WHEN (SELECT COUNT(*) FROM e AS x WHERE x.input = 1 AND x.stem = e.stem) = 1 THEN stem ELSE name"
+                " END WHERE input = 1"
+            )
+            self._db.execute("CREATE INDEX by_target ON e (target, name)")
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[tuple[str, bool, str | None]]:
+        rows = self._db.execute(
+            "SELECT name, dir, target, (SELECT COUNT(*) FROM e AS y WHERE y.target = e.target AND y.name < e.name)"
+            " FROM e ORDER BY name"
+        )
+        for name, is_dir, target, earlier in rows:
+            out = None
+            if target is not None:
+                out = f"{_text(target)}.{earlier}.png" if earlier else f"{_text(target)}.png"
+            yield _text(name), bool(is_dir), out
+
+    def close(self) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _blob(name: str) -> bytes:
+    return name.encode("utf-8", "surrogatepass")
+
+
+def _text(blob: bytes) -> str:
+    return blob.decode("utf-8", "surrogatepass")
 
 
 def item_key(rel: str) -> int:
