@@ -120,6 +120,10 @@ def _walk(index: int, folder: Path, rel: str, order: tuple, on_error) -> Iterato
         if on_error is not None:
             on_error(f"{folder}: cannot read folder ({err.strerror or err})")
         return
+    except sqlite3.Error as err:  # the temporary database's disk full, most likely
+        if on_error is not None:
+            on_error(f"{folder}: cannot list folder ({err})")
+        return
     try:
         for name, is_dir, out in listing:
             child = f"{rel}/{name}" if rel else name

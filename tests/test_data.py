@@ -139,3 +139,29 @@ def test_a_forked_child_leaves_its_parents_listing_alone(tmp_path, monkeypatch):
     rest = list(walk)
     assert [(i.source, str(i.path), i.rel, i.order) for i in [first, *rest]] == expected
     assert len(made) == 2 and not any(map(is_open, made))
+
+
+def test_a_large_folder_that_cannot_be_listed_on_disk_is_reported(tmp_path, monkeypatch):
+    """The temporary database can fail (its disk full): the folder is reported as one that cannot be listed,
+    like an unreadable one, rather than the walk ending in a traceback."""
+    root = tmp_path / "src"
+    (root / "big").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (root / "big" / name).write_bytes(b"x")
+    (root / "ok.png").write_bytes(b"x")
+    monkeypatch.setattr(data, "LISTED_IN_MEMORY", 2)
+
+    class Full:
+        def execute(self, sql, *args):
+            if sql.startswith("CREATE INDEX"):
+                raise sqlite3.OperationalError("database or disk is full")
+
+        executemany = execute
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(data.sqlite3, "connect", lambda *args, **kwargs: Full())
+    said = []
+    assert [item.rel for item in scan([root], on_error=said.append)] == ["ok.png"]
+    assert said == [f"{root / 'big'}: cannot list folder (database or disk is full)"]
