@@ -125,6 +125,14 @@ def _note(message: str) -> None:
     typer.echo(f"kmgpu: note: {message}", err=True)
 
 
+def _load_kernels() -> None:
+    """Load the compiled CPU kernels (compiling them first, with a note, where numba has not cached
+    them), so that the first image's milliseconds are its own."""
+    from . import cpu_kernels
+
+    cpu_kernels.compiled(_note)
+
+
 def _check(problem: str | None) -> None:
     """Exit with ``problem`` (from ``palette_size_error``, ``level_error``), if there is one."""
     if problem:
@@ -191,6 +199,7 @@ def compress(
     if output is not None and (out_dir is not None or len(inputs) != 1):
         _fail("-o/--output takes exactly one input and no --out-dir")
     targets = _output_paths(inputs, k, output, out_dir)
+    _load_kernels()
 
     table = Table([("image", 18, "s"), ("size", 11, "s"), ("bytes in", 12, ",d"), ("bytes out", 11, ",d")])
     table.columns += [("ratio", 7, ".2f"), ("bpp", 6, ".2f"), ("PSNR", 7, ".2f"), ("SSIM", 8, ".4f"), ("ms", 7, ".0f")]
@@ -294,6 +303,7 @@ def sweep(
         _note(f"{image}: {note}")
     out = out_dir if out_dir is not None else Path(f"{image.stem}-sweep")
     _check(_folder_error(out, f"--out-dir {out}"))
+    _load_kernels()
     lossless = lossless_png_bytes(src.pixels)
     typer.echo(
         f"{image.name}: {src.width}x{src.height} {src.mode}, {src.bytes_in:,} bytes "

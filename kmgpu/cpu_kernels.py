@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -96,10 +98,11 @@ _ready = False  # every kernel loaded (or compiled) in this process
 _broken: str | None = None  # why numba could not compile the kernels here, once seen
 
 
-def compiled() -> bool:
+def compiled(note: Callable[[str], None] | None = None) -> bool:
     """Whether the compiled kernels run here: numba is present, ``KMGPU_NUMBA`` is not 0, and they build.
 
-    The first call loads every kernel (see :func:`warm_up`); if numba cannot
+    The first call loads every kernel (see :func:`warm_up`, which tells ``note`` when they must
+    be compiled first); if numba cannot
     compile them on this machine, a warning says so once and the torch and
     NumPy paths run from then on.
     """
@@ -111,7 +114,7 @@ def compiled() -> bool:
             if not _ready and _broken is None:
                 try:
                     _ready = True  # warm_up runs the kernels, which do not ask again
-                    warm_up()
+                    warm_up(note)
                 except Exception as err:  # numba's errors have no common base worth naming
                     _ready, _broken = False, f"{type(err).__name__}: {err}"
                     warnings.warn(
@@ -992,14 +995,7 @@ class Bounds:
         return new
 
 
-def warm_up() -> None:
-    """Load (or, the first time, compile) every kernel now: forked workers then inherit them.
-
-    Loading them from numba's disk cache takes about 0.4 s a process; compiling, the first time
-    on a machine, several seconds.
-    """
-    if _search is None:
-        return
+def _warm_search() -> None:
     x = torch.zeros(1, 4, 3)
     x[0, 1:, 0] = torch.arange(3.0)
     labels, *_ = nearest(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), bounds=Bounds(x), sums=True)
@@ -1007,18 +1003,135 @@ def warm_up() -> None:
     for split in (False, True):
         lloyd(x, torch.ones(1, 4), x[:, :2], torch.tensor([2]), torch.zeros(1, dtype=torch.float64), 2,
               bounds=Bounds(x), relax=1.5, split=split)  # fmt: skip
+
+
+def _warm_colors() -> None:
     pixels = torch.tensor([[1, 2, 3], [1, 2, 3], [200, 0, 9]], dtype=torch.uint8)
     keys, counts, _, per_image = distinct_colors(pixels, [3])
     grid_bins(pixels[1:], counts, per_image.tolist(), 6)
-    g = x[0].T.contiguous().numpy()
+
+
+def _warm_seeds() -> None:
+    g = np.zeros((3, 4), dtype=np.float32)  # as kmeans calls it: the transposed float32 colors
+    g[0, 1:] = np.arange(3.0)
     _kmeans_plusplus(g, np.ones(4), np.arange(1.0, 5.0), np.full(8, 0.5), 2, 2, np.zeros(2, dtype=np.int64))
-    img, taps = np.zeros((3, 3, 3), dtype=np.uint8), np.ones(1)
-    idx, palette = np.zeros((3, 3), dtype=np.uint8), np.zeros((1, 3), dtype=np.uint8)
+
+
+def _warm_quality() -> None:
+    img, idx = np.zeros((3, 3, 3), dtype=np.uint8), np.zeros((3, 3), dtype=np.uint8)
     for indexed in (False, True):  # as metrics calls it
-        _quality(img, img, palette, np.zeros(1), idx, indexed, np.ones(3), taps, 1.0, 1.0, 0, 3, 3)
-    filter_rows(idx, None, (0, 1, 2, 3, 4))
+        _quality(img, img, np.zeros((1, 3), dtype=np.uint8), np.zeros(1), idx, indexed, np.ones(3), np.ones(1),
+                 1.0, 1.0, 0, 3, 3)  # fmt: skip
+
+
+def _warm_png() -> None:
+    filter_rows(np.zeros((3, 3), dtype=np.uint8), None, (0, 1, 2, 3, 4))
     nearest_chain(np.zeros((3, 3)), 0)
-    dither(img, np.array([[0, 0, 0], [9, 9, 9]], dtype=np.uint8), idx)
+
+
+def _warm_dither() -> None:
+    dither(np.zeros((3, 3, 3), dtype=np.uint8), np.array([[0, 0, 0], [9, 9, 9]], dtype=np.uint8),
+           np.zeros((3, 3), dtype=np.uint8))  # fmt: skip
+
+
+# The kernels in groups that share no compiled helper, each group loaded by one function, with its
+# kernels and the seconds it took to compile alone in a fresh process on the 2-core VM. Where
+# numba's cache lacks some, they compile side by side, one group in one process only: numba's
+# cache of a function is an index file that two processes writing different signatures at once
+# can leave pointing at the wrong code.
+_WARM_GROUPS = {
+    "search": (_warm_search, ("_search", "_sums", "_lloyd_pass"), 6.0),
+    "colors": (_warm_colors, ("_distinct", "_grid_bins"), 6.4),
+    "seeds": (_warm_seeds, ("_kmeans_plusplus",), 3.5),
+    "png": (_warm_png, ("_filter_rows", "_nearest_chain"), 3.7),
+    "dither": (_warm_dither, ("_dither",), 5.3),
+    "quality": (_warm_quality, ("_quality",), 1.9),
+}
+_CHILD_TIMEOUT_S = 600
+
+
+def _uncached(group: str) -> bool:
+    """Whether numba's disk cache lacks ``group``'s kernels for this version of this file.
+
+    Best effort, through numba's cache index (not public API): False where it cannot be read so,
+    and then whatever is missing compiles in this process, as numba does by itself.
+    """
+    try:
+        return any(not globals()[name]._cache._cache_file._load_index() for name in _WARM_GROUPS[group][1])
+    except Exception:  # a numba without these internals: whatever is missing compiles here
+        return False
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _compile_side_by_side(groups: list[str]) -> None:
+    """Compile ``groups`` into numba's disk cache, split over this process and child processes.
+
+    A child that fails or hangs costs nothing but its time: whatever it did not cache, this
+    process then compiles itself.
+    """
+    parts: list[list[str]] = [[] for _ in range(min(_cpus(), len(groups)))]
+    load = [0.0] * len(parts)
+    for name in sorted(groups, key=lambda g: -_WARM_GROUPS[g][2]):  # longest first, each to the least loaded
+        i = load.index(min(load))
+        parts[i].append(name)
+        load[i] += _WARM_GROUPS[name][2]
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from kmgpu import cpu_kernels; cpu_kernels._warm(sys.argv[2:])"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    children = []
+    try:
+        if sys.executable:
+            for part in parts[1:]:
+                children.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", code, root, *part],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+        _warm(parts[0])
+        deadline = time.monotonic() + _CHILD_TIMEOUT_S
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def _warm(groups: list[str]) -> None:
+    """Load (or compile) ``groups``' kernels in this process; a child of :func:`_compile_side_by_side`."""
+    global _ready
+    _ready = True  # the kernels' wrappers ask compiled(), which must not warm up again
+    for name in groups:
+        _WARM_GROUPS[name][0]()
+
+
+def warm_up(note: Callable[[str], None] | None = None) -> None:
+    """Load (or, the first time, compile) every kernel now: forked workers then inherit them.
+
+    Loading them from numba's disk cache takes about 0.4 s a process. Compiling them, the first
+    time kmgpu runs on a machine (or after an upgrade), took 22 s one after another on the 2-core
+    VM; where the cache lacks them, they compile side by side in up to one process a core, and
+    ``note`` is told first.
+    """
+    if _search is None:
+        return
+    missing = [name for name in _WARM_GROUPS if _uncached(name)]
+    if missing:
+        if note is not None:
+            note("compiling kmgpu's CPU kernels for this machine; numba caches them, so only this run waits for it")
+        if len(missing) > 1 and _cpus() > 1:
+            _compile_side_by_side(missing)
+    _warm(list(_WARM_GROUPS))
 
 
 def _threads(work: int) -> int:

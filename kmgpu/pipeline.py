@@ -508,8 +508,9 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     workers = config.worker_count(device.type)
     # On the CPU with worker processes, the workers fit and encode too (see quantize_in_worker).
     in_workers = device.type == "cpu" and workers > 0
-    if in_workers:
-        cpu_kernels.compiled()  # loads the compiled kernels once here, not once per worker
+    # The compiled kernels, loaded once here and not once per worker (on any device: the PNG writer
+    # and the metrics use them), and compiled first where numba has not cached them yet.
+    cpu_kernels.compiled(note)
     dataset = DecodeDataset(
         sources,
         done,

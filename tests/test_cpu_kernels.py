@@ -3,7 +3,10 @@ bounds; Lloyd's passes against the torch loop; the histograms against the sorts 
 filters against the NumPy formulation."""
 
 import importlib
+import json
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
@@ -231,7 +234,7 @@ def test_compiled_and_generic_fits_agree_in_quality(monkeypatch):
 
 
 def test_a_numba_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
-    def broken():
+    def broken(note=None):
         raise RuntimeError("LLVM ERROR: no target")
 
     monkeypatch.setattr(cpu_kernels, "_ready", False)
@@ -243,6 +246,50 @@ def test_a_numba_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
     pixels = torch.from_numpy(sample_pixels("coffee.png", step=4).copy()).float()
     fit = kmeans(pixels, 8, seed=0, max_iter=5, device="cpu")  # the torch path
     assert torch.isfinite(fit.centers).all() and int(fit.labels.max()) < 8
+
+
+CACHE_PROBE = """
+import json, sys
+from kmgpu import cpu_kernels as c
+groups = sys.argv[1:] or sorted(c._WARM_GROUPS)
+missing = [g for g in groups if c._uncached(g)]
+if sys.argv[1:]:
+    c._compile_side_by_side(groups)
+print(json.dumps([missing, [g for g in groups if c._uncached(g)]]))
+"""
+
+
+def test_kernels_missing_from_the_cache_compile_side_by_side_into_it(tmp_path):
+    """A fresh cache: the groups compile in this process and a child, each into numba's disk cache,
+    which a new process then finds (and no half-written file is left)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def probe(*groups):
+        done = subprocess.run([sys.executable, "-c", CACHE_PROBE, *groups], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    groups = ["quality", "seeds"]  # the two quickest to compile: one here, one in a child on 2 cores
+    assert probe(*groups) == [groups, []]
+    cached = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
+    assert {"cpu_kernels._quality", "cpu_kernels._kmeans_plusplus"} <= cached
+    assert not [p for p in tmp_path.rglob("*") if ".tmp." in p.name]
+    missing, _ = probe()  # a new process: only the others are missing
+    assert set(missing) == set(cpu_kernels._WARM_GROUPS) - set(groups)
+
+
+def test_a_cold_cache_is_announced_and_only_its_missing_kernels_compiled_apart(monkeypatch):
+    calls, notes = [], []
+    monkeypatch.setattr(cpu_kernels, "_uncached", lambda group: group in ("png", "dither"))
+    monkeypatch.setattr(cpu_kernels, "_compile_side_by_side", calls.append)
+    monkeypatch.setattr(cpu_kernels, "_cpus", lambda: 2)
+    cpu_kernels.warm_up(notes.append)
+    assert calls == [["png", "dither"]] and len(notes) == 1 and "compiling" in notes[0]
+    monkeypatch.setattr(cpu_kernels, "_uncached", lambda group: False)
+    cpu_kernels.warm_up(notes.append)  # all cached: loaded here, nothing said
+    monkeypatch.setattr(cpu_kernels, "_uncached", lambda group: group == "png")
+    cpu_kernels.warm_up(notes.append)  # one group: compiled here, no child to wait for
+    assert calls == [["png", "dither"]] and len(notes) == 2
 
 
 @settings(max_examples=40, deadline=None)
