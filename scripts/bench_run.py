@@ -22,6 +22,7 @@ does not grow with the number of images.
     python scripts/bench_run.py                 # 300 images, k=64
     python scripts/bench_run.py --images 60     # quicker
     python scripts/bench_run.py --repeats 3     # medians of 3 interleaved rounds
+    python scripts/bench_run.py --devices cuda --batch-size 64 --workers 4 --more-workers 8,12
     python scripts/bench_run.py --memory
 """
 
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--more-workers", default="", help="comma-separated worker counts also run at --batch-size")
     ap.add_argument("--pngquant-jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; medians are shown")
     ap.add_argument("--memory", action="store_true", help="also compare 100 and 10,000 tiny images")
@@ -164,7 +166,8 @@ def main() -> None:
         print(f"{args.images} images, {mp:.1f} MP, k={args.k}; {os.cpu_count()} CPU cores; torch {torch.__version__}")
         # Rounds, each running every configuration once: a slow minute of a shared machine falls
         # on all of them alike, and the medians over rounds are what the table shows.
-        runs = ((1, 0), (args.batch_size, 0), (1, args.workers), (args.batch_size, args.workers), (None, None))
+        runs = [(1, 0), (args.batch_size, 0), (1, args.workers), (args.batch_size, args.workers), (None, None)]
+        runs += [(args.batch_size, int(w)) for w in args.more_workers.split(",") if w.strip()]
         results: dict[tuple, list[dict]] = {(device, *run): [] for device in devices for run in runs}
         pngquant: list[dict] = []
         for _ in range(args.repeats):
