@@ -579,6 +579,7 @@ def bench(
         _fail(f"--images {images}: not a folder")
     if json_path is not None:
         _check(_folder_error(json_path.parent, f"--json {json_path}"))
+    _load_kernels()  # a first run's compiling is not the CPU's speed
     result = run_bench(devices, ks, images=images, quick=quick, progress=progress)
     typer.echo(format_report(result))
     if json_path is not None:

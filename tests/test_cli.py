@@ -418,3 +418,26 @@ def test_ctrl_c_in_run_is_said_once(tmp_path):
     assert done.stderr.splitlines() == [
         "kmgpu: error: interrupted: the images done so far are kept; the same command resumes from there"
     ]
+
+
+@pytest.mark.parametrize("command", ["run", "compress"])
+def test_compiling_the_kernels_is_announced_before_the_first_image(tmp_path, monkeypatch, command):
+    """Where numba's cache lacks a kernel, the command says so before it waits; then does its work."""
+    from kmgpu import cpu_kernels
+
+    if not cpu_kernels.compiled():
+        pytest.skip("the compiled CPU kernels are off here (no numba, or KMGPU_NUMBA=0)")
+    loaded = []
+    monkeypatch.setattr(cpu_kernels, "_ready", False)
+    monkeypatch.setattr(cpu_kernels, "_uncached", lambda group: group == "quality")
+    monkeypatch.setattr(cpu_kernels, "_warm", lambda groups: loaded.append(groups))
+    src = SAMPLES / "coffee.png"
+    out = tmp_path / "out"
+    args = [str(src), "--out" if command == "run" else "--out-dir", str(out), "--k", "8", "--device", "cpu"]
+    result = runner.invoke(app, [command, *args, *(["--no-progress"] if command == "run" else [])])
+    assert result.exit_code == 0, result.output
+    said = result.output.index("kmgpu: note: compiling kmgpu's CPU kernels for this machine")
+    assert said < result.output.index("coffee")  # before any line about the image
+    assert loaded == [list(cpu_kernels._WARM_GROUPS)]  # once, every group
+    with Image.open(out / "coffee.png") as im:
+        assert im.mode == "P"
