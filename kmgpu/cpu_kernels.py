@@ -1081,7 +1081,12 @@ def _compile_side_by_side(groups: list[str]) -> None:
         i = load.index(min(load))
         parts[i].append(name)
         load[i] += _WARM_GROUPS[name][2]
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from kmgpu import cpu_kernels; cpu_kernels._warm(sys.argv[2:])"
+    # This very kmgpu, whether or not its folder is on the child's path (but not ahead of the
+    # standard library where it is, as site-packages is).
+    code = (
+        "import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0, root); "
+        "from kmgpu import cpu_kernels; cpu_kernels._warm(sys.argv[2:])"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     children = []
     try:
