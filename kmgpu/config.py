@@ -20,6 +20,7 @@ else:  # pragma: no cover - Python 3.10
 
 from .imageio import DEFAULT_MAX_PIXELS
 from .png import DEFAULT_LEVEL, level_error, palette_size_error
+from .threads import available_cores
 
 __all__ = ["ConfigError", "RunConfig", "load_config"]
 
@@ -29,14 +30,6 @@ _AUTO_OR_POSITIVE = "must be -1 (automatic) or 1 or more"
 
 class ConfigError(ValueError):
     """A config file or a setting that cannot be used."""
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, as torch's DataLoader counts them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

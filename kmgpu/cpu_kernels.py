@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .threads import ProcessThreads
+from .threads import ProcessThreads, available_cores
 
 __all__ = [
     "usable",
@@ -1062,20 +1062,13 @@ def _uncached(group: str) -> bool:
         return False
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _compile_side_by_side(groups: list[str]) -> None:
     """Compile ``groups`` into numba's disk cache, split over this process and child processes.
 
     A child that fails or hangs costs nothing but its time: whatever it did not cache, this
     process then compiles itself.
     """
-    parts: list[list[str]] = [[] for _ in range(min(_cpus(), len(groups)))]
+    parts: list[list[str]] = [[] for _ in range(min(available_cores(), len(groups)))]
     load = [0.0] * len(parts)
     for name in sorted(groups, key=lambda g: -_WARM_GROUPS[g][2]):  # longest first, each to the least loaded
         i = load.index(min(load))
@@ -1134,7 +1127,7 @@ def warm_up(note: Callable[[str], None] | None = None) -> None:
     if missing:
         if note is not None:
             note("compiling kmgpu's CPU kernels for this machine; numba caches them, so only this run waits for it")
-        if len(missing) > 1 and _cpus() > 1:
+        if len(missing) > 1 and available_cores() > 1:
             _compile_side_by_side(missing)
     _warm(list(_WARM_GROUPS))
 

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__, cpu_kernels
-from .config import RunConfig, available_cores
+from .config import RunConfig
 from .data import (
     IMAGE_SUFFIXES,
     DecodeDataset,
@@ -56,6 +56,7 @@ from .imageio import atomic_file, os_reason, write_atomic
 from .metrics import bits_per_pixel
 from .quantize import QuantizedImage, quantize_batch
 from .records import MANIFEST, SUMMARY, in_order, read_manifest, sorted_records, summarize
+from .threads import available_cores
 from .timing import StageClock
 
 __all__ = [

@@ -282,7 +282,7 @@ def test_a_cold_cache_is_announced_and_only_its_missing_kernels_compiled_apart(m
     calls, notes = [], []
     monkeypatch.setattr(cpu_kernels, "_uncached", lambda group: group in ("png", "dither"))
     monkeypatch.setattr(cpu_kernels, "_compile_side_by_side", calls.append)
-    monkeypatch.setattr(cpu_kernels, "_cpus", lambda: 2)
+    monkeypatch.setattr(cpu_kernels, "available_cores", lambda: 2)
     cpu_kernels.warm_up(notes.append)
     assert calls == [["png", "dither"]] and len(notes) == 1 and "compiling" in notes[0]
     monkeypatch.setattr(cpu_kernels, "_uncached", lambda group: False)
