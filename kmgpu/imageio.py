@@ -167,11 +167,33 @@ def from_pil(im: Image.Image) -> LoadedImage:
     icc_source = im.info.get("icc_profile")
     # exif_transpose copies the image even when it is upright already: only where it turns it.
     upright = ImageOps.exif_transpose(im) if im.getexif().get(_ORIENTATION, 1) != 1 else im
-    pixels = _pixels_of(upright)
+    return _loaded(_pixels_of(upright), icc_source, notes)
+
+
+def _loaded(pixels: np.ndarray, icc_source: bytes | None, notes: list[str]) -> LoadedImage:
+    """The image of normalised ``pixels``, with the source's profile where it can be carried over."""
     icc = _rgb_icc(icc_source) if pixels.shape[2] >= 3 else None
     if icc_source and icc is None:
         notes.append("its ICC profile is not an RGB profile and was not carried over")
     return LoadedImage(pixels, icc, notes=notes)
+
+
+def _read_plain_png(p: Path, max_pixels: int) -> LoadedImage | None:
+    """``p`` through :mod:`kmgpu.pngread` where it is a PNG that reader takes, else None (Pillow's to read)."""
+    from . import pngread  # here: it loads the compiled kernels, which --help and report need not
+
+    if not pngread.usable():
+        return None
+    with open(p, "rb") as f:
+        head = f.read(pngread.HEADER_BYTES)
+        if pngread.eligible_header(head, max_pixels) is None:
+            return None
+        f.seek(0)
+        decoded = pngread.decode(f.read(), max_pixels)
+    if decoded is None:
+        return None
+    pixels, icc_source = decoded
+    return _loaded(normalize_alpha(pixels), icc_source, [])
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
@@ -199,6 +221,10 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
             raise ImageReadError(f"{p}: not a regular file")
         if size == 0:
             raise ImageReadError(f"{p}: empty file")
+        loaded = _read_plain_png(p, max_pixels)
+        if loaded is not None:
+            loaded.path, loaded.bytes_in, loaded.mtime_ns = p, size, info.st_mtime_ns
+            return loaded
         with _pillow_limit_lock, warnings.catch_warnings():
             # Our own limit governs; Pillow's is lifted while the header is read.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
