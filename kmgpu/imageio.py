@@ -36,6 +36,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import pngread
 from .png import DEFAULT_LEVEL, encode_palette_png, writer_order
 
 __all__ = [
@@ -180,13 +181,10 @@ def _loaded(pixels: np.ndarray, icc_source: bytes | None, notes: list[str]) -> L
 
 def _read_plain_png(p: Path, max_pixels: int) -> LoadedImage | None:
     """``p`` through :mod:`kmgpu.pngread` where it is a PNG that reader takes, else None (Pillow's to read)."""
-    from . import pngread  # here: it loads the compiled kernels, which --help and report need not
-
-    if not pngread.usable():
-        return None
     with open(p, "rb") as f:
         head = f.read(pngread.HEADER_BYTES)
-        if pngread.eligible_header(head, max_pixels) is None:
+        # The header first: a JPEG need not load the kernels (nor torch and numba with them).
+        if pngread.eligible_header(head, max_pixels) is None or not pngread.usable():
             return None
         f.seek(0)
         decoded = pngread.decode(f.read(), max_pixels)

@@ -22,10 +22,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-import deflate
 import numpy as np
-
-from . import cpu_kernels
 
 __all__ = ["SIGNATURE", "HEADER_BYTES", "usable", "eligible_header", "decode"]
 
@@ -44,7 +41,10 @@ _MAX_TEXT = 1024 * 1024
 
 
 def usable() -> bool:
-    """Whether this reader runs here: it needs the compiled kernels (``KMGPU_NUMBA=0`` turns it off too)."""
+    """Whether this reader runs here: it needs the compiled kernels (``KMGPU_NUMBA=0`` turns it off too),
+    which the first call loads (torch and numba with them: :func:`eligible_header` does not)."""
+    from . import cpu_kernels
+
     return cpu_kernels.compiled()
 
 
@@ -95,6 +95,10 @@ def decode(data: bytes | bytearray | memoryview, max_pixels: int) -> tuple[np.nd
     """
     if not usable():
         return None
+    import deflate  # a dependency (the PNG writer's); here, as the kernels are
+
+    from . import cpu_kernels
+
     view = memoryview(data)
     shape = eligible_header(bytes(view[:HEADER_BYTES]), max_pixels)
     if shape is None:
