@@ -1,8 +1,12 @@
 """kmgpu.pngread: the fast PNG reader gives Pillow's pixels and profile, or steps aside for Pillow."""
 
 import io
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +239,23 @@ def test_off_without_the_kernels(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "compiled", lambda note=None: False)
     assert pngread.decode(data, BIG) is None
     np.testing.assert_array_equal(load_image(path).pixels, pillow_pixels(data))
+
+
+def test_a_jpeg_or_a_palette_png_loads_neither_torch_nor_numba(tmp_path):
+    """Only a PNG this reader takes loads the kernels: load_image of anything else stays as light as Pillow."""
+    photo((30, 20)).save(tmp_path / "a.jpg")
+    photo((30, 20)).quantize(8).save(tmp_path / "p.png")
+    photo((30, 20)).save(tmp_path / "rgb.png")
+    probe = (
+        "import sys\n"
+        "from kmgpu.imageio import load_image\n"
+        "light = [load_image(p).pixels.shape for p in sys.argv[1:3]]\n"
+        "before = sorted(m for m in ('torch', 'numba') if m in sys.modules)\n"
+        "load_image(sys.argv[3])\n"
+        "print(light, before, 'numba' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [str(tmp_path / n) for n in ("a.jpg", "p.png", "rgb.png")]
+    done = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[(20, 30, 3), (20, 30, 3)] [] True"
