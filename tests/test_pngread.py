@@ -74,25 +74,28 @@ def pillow_pixels(data: bytes) -> np.ndarray:
 
 
 def test_paeth_is_the_spec_for_every_triple():
-    # One 2-row, 1-byte-a-pixel image holds all 2**24 (a, b, c): row 0 is c, b, c, b, ...; in row 1
-    # the even bytes are set to make the left neighbour a, and the odd bytes are 0, so that each odd
-    # pixel of row 1 comes out as the kernel's predictor of (a, b, c).
-    a, b, c = (v.ravel() for v in np.meshgrid(*[np.arange(256)] * 3, indexing="ij"))
-    n = a.size
-    top = np.empty(2 * n, np.int32)
-    top[0::2], top[1::2] = c, b
-    predicted = spec_paeth(a, b, c)
-    # The even pixel 2j of row 1 is predicted from (pixel 2j-1 of row 1, top[2j], top[2j-1]).
-    left = np.concatenate([[0], predicted[:-1]])
-    up_left = np.concatenate([[0], top[1::2][:-1]])
-    first = np.where(np.arange(n) == 0, top[0], spec_paeth(left, top[0::2], up_left))
-    second = np.zeros(2 * n, np.int32)
-    second[0::2] = (a - first) % 256
-    raw = np.concatenate([[0], top, [4], second]).astype(np.uint8)
-    out = cpu_kernels.unfilter(raw, 2, 2 * n, 1)
-    assert out is not None
-    np.testing.assert_array_equal(out[1, 0::2], a)
-    np.testing.assert_array_equal(out[1, 1::2], predicted)
+    # A 2-row, 1-byte-a-pixel image holds 2**21 of the 2**24 (a, b, c), eight images all of them:
+    # row 0 is c, b, c, b, ...; in row 1 the even bytes are set to make the left neighbour a, and the
+    # odd bytes are 0, so that each odd pixel of row 1 comes out as the kernel's predictor of (a, b, c).
+    levels = np.arange(256, dtype=np.int32)
+    for block in np.split(levels, 8):
+        a, b, c = (v.ravel() for v in np.meshgrid(block, levels, levels, indexing="ij"))
+        n = a.size
+        top = np.empty(2 * n, np.int32)
+        top[0::2], top[1::2] = c, b
+        predicted = spec_paeth(a, b, c)
+        # The even pixel 2j of row 1 is predicted from (pixel 2j-1 of row 1, top[2j], top[2j-1]); the
+        # first, with no left neighbour, from the byte above it.
+        left = np.concatenate([[0], predicted[:-1]])
+        up_left = np.concatenate([[0], top[1::2][:-1]])
+        first = np.where(np.arange(n) == 0, top[0], spec_paeth(left, top[0::2], up_left))
+        second = np.zeros(2 * n, np.int32)
+        second[0::2] = (a - first) % 256
+        raw = np.concatenate([[0], top, [4], second]).astype(np.uint8)
+        out = cpu_kernels.unfilter(raw, 2, 2 * n, 1)
+        assert out is not None
+        np.testing.assert_array_equal(out[1, 0::2], a)
+        np.testing.assert_array_equal(out[1, 1::2], predicted)
 
 
 @settings(max_examples=60, deadline=None)
