@@ -12,7 +12,7 @@ The result is Pillow's, pixel for pixel and profile for profile (the tests compa
 filter type, layout and chunk this reader takes). Anything else returns None, and Pillow reads
 the file as before: other bit depths, palettes, interlacing, transparency chunks (tRNS), EXIF
 (eXIf, or the text chunks from which Pillow reads an orientation), animation, compressed text,
-any chunk not named here, a bad CRC, a stream that does not inflate to exactly the image's
+critical chunks not named here, a bad CRC, a stream that does not inflate to exactly the image's
 scanlines, an unknown filter type. So every error message, and every file Pillow rejects, stays
 Pillow's.
 """
@@ -34,6 +34,12 @@ _CHANNELS = {0: 1, 4: 2, 2: 3, 6: 4}
 # Chunks whose contents Pillow keeps only in ``info`` (gamma, chromaticity, rendering intent,
 # density, time, significant bits, background): they change neither the pixels nor the profile.
 _IGNORED = frozenset((b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"sBIT", b"bKGD"))
+# Every chunk Pillow (10 to 13) reads: an ancillary chunk not among them, such as ImageMagick's
+# vpAg, Pillow skips unread, and so does this reader; the ones among them not taken here go to it.
+_READ_BY_PILLOW = frozenset(
+    (b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"iCCP", b"tEXt", b"zTXt",
+     b"iTXt", b"eXIf", b"acTL", b"fcTL", b"fdAT")
+)  # fmt: skip
 # Text keywords from which Pillow's getexif() reads EXIF or XMP, and so an orientation.
 _KEYWORDS_WITH_EXIF = (b"raw profile type", b"xml:com.adobe.xmp")
 # Pillow refuses text and profiles that inflate beyond this (PngImagePlugin.MAX_TEXT_CHUNK).
@@ -136,7 +142,7 @@ def decode(data: bytes | bytearray | memoryview, max_pixels: int) -> tuple[np.nd
             text_bytes += length
             if keyword.startswith(_KEYWORDS_WITH_EXIF) or text_bytes > _MAX_TEXT:
                 return None
-        elif kind not in _IGNORED:
+        elif kind not in _IGNORED and (kind in _READ_BY_PILLOW or not kind[0] & 0x20):  # 0x20: ancillary
             return None
         pos = body_end + 4
     if not ended or not idat:

@@ -159,8 +159,12 @@ def test_profiles_and_harmless_chunks(tmp_path):
     assert pngread.decode(gray.read_bytes(), BIG) is not None
     assert loaded.icc_profile is None and loaded.notes == slow.notes and loaded.notes
     extras = [chunk(kind, body) for kind, body in [(b"gAMA", struct.pack(">I", 45455)), (b"sRGB", b"\0")]]
-    data = png(rgb, before=extras, after=[chunk(b"tEXt", b"Comment\0after the pixels")])
-    assert pngread.decode(data, BIG) is not None
+    # ImageMagick's vpAg: an ancillary chunk Pillow does not read, and skips.
+    after = [chunk(b"tEXt", b"date:create\x002026-11-24"), chunk(b"vpAg", struct.pack(">IIB", 40, 30, 0))]
+    data = png(rgb, before=extras, after=after)
+    decoded = pngread.decode(data, BIG)
+    assert decoded is not None
+    np.testing.assert_array_equal(decoded[0], pillow_pixels(data))
 
 
 def _text(key, value):
@@ -185,7 +189,8 @@ def _fallbacks():
     yield "XMP", png(px, after=[chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0<x/>")])
     yield "compressed text", png(px, before=[chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"hi"))])
     yield "animation", png(px, before=[chunk(b"acTL", struct.pack(">II", 1, 0))])
-    yield "unknown chunk", png(px, before=[chunk(b"abCD", b"")])
+    yield "unknown critical chunk", png(px, before=[chunk(b"ABCD", b"")])
+    yield "PLTE", png(px, before=[chunk(b"PLTE", b"\0\0\0")])
     yield "bad CRC in IDAT", png(px, stream=stream).replace(chunk(b"IDAT", stream), chunk(b"IDAT", stream, crc=1))
     yield "bad CRC in IHDR", png(px)[:29] + b"\0\0\0\0" + png(px)[33:]
     yield "short stream", png(px, stream=zlib.compress(raw[:-1]))
