@@ -47,8 +47,13 @@ _MAX_TEXT = 1024 * 1024
 
 
 def usable() -> bool:
-    """Whether this reader runs here: it needs the compiled kernels (``KMGPU_NUMBA=0`` turns it off too),
-    which the first call loads (torch and numba with them: :func:`eligible_header` does not)."""
+    """Whether this reader runs here: it needs libdeflate's package (a dependency, which a checkout run
+    from its folder may lack) and the compiled kernels (``KMGPU_NUMBA=0`` turns it off too), which the
+    first call loads (torch and numba with them: :func:`eligible_header` does not)."""
+    try:
+        import deflate  # noqa: F401
+    except ImportError:
+        return False
     from . import cpu_kernels
 
     return cpu_kernels.compiled()

@@ -267,3 +267,11 @@ def test_a_jpeg_or_a_palette_png_loads_neither_torch_nor_numba(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[(20, 30, 3), (20, 30, 3)] [] True"
+
+
+def test_off_without_libdeflate(monkeypatch, tmp_path):
+    path = tmp_path / "a.png"
+    photo((30, 20)).save(path)
+    monkeypatch.setitem(sys.modules, "deflate", None)  # as if it were not installed
+    assert not pngread.usable() and pngread.decode(path.read_bytes(), BIG) is None
+    np.testing.assert_array_equal(load_image(path).pixels, pillow_pixels(path.read_bytes()))
