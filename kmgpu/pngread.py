@@ -40,8 +40,11 @@ _READ_BY_PILLOW = frozenset(
     (b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"iCCP", b"tEXt", b"zTXt",
      b"iTXt", b"eXIf", b"acTL", b"fcTL", b"fdAT")
 )  # fmt: skip
-# Text keywords from which Pillow's getexif() reads EXIF or XMP, and so an orientation.
-_KEYWORDS_WITH_EXIF = (b"raw profile type", b"xml:com.adobe.xmp")
+# A tEXt chunk's keyword becomes a key of Pillow's ``info``: those that getexif() reads (EXIF or
+# XMP, and so an orientation) or kmgpu does (the profile), in any case, and the prefixes of the
+# first two, go to Pillow.
+_KEYWORDS_READ = frozenset((b"exif", b"xmp", b"icc_profile", b"transparency"))
+_KEYWORD_PREFIXES_READ = (b"raw profile type", b"xml:com.adobe.xmp")
 # Pillow refuses text and profiles that inflate beyond this (PngImagePlugin.MAX_TEXT_CHUNK).
 _MAX_TEXT = 1024 * 1024
 
@@ -145,7 +148,7 @@ def decode(data: bytes | bytearray | memoryview, max_pixels: int) -> tuple[np.nd
         elif kind == b"tEXt":
             keyword = bytes(body[:80]).split(b"\0", 1)[0].lower()
             text_bytes += length
-            if keyword.startswith(_KEYWORDS_WITH_EXIF) or text_bytes > _MAX_TEXT:
+            if keyword in _KEYWORDS_READ or keyword.startswith(_KEYWORD_PREFIXES_READ) or text_bytes > _MAX_TEXT:
                 return None
         elif kind not in _IGNORED and (kind in _READ_BY_PILLOW or not kind[0] & 0x20):  # 0x20: ancillary
             return None

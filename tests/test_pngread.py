@@ -186,6 +186,9 @@ def _fallbacks():
     exif[0x0112] = 1
     yield "eXIf", png(px, before=[chunk(b"eXIf", exif.tobytes()[6:])])
     yield "EXIF in text", png(px, before=[chunk(b"tEXt", b"Raw profile type exif\0\nexif\n0\n")])
+    exif[0x0112] = 6
+    yield "EXIF as tEXt 'exif'", png(px, after=[chunk(b"tEXt", b"exif\0" + exif.tobytes())])
+    yield "a profile as tEXt", png(px, before=[chunk(b"tEXt", b"icc_profile\0not one")])
     yield "XMP", png(px, after=[chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0<x/>")])
     yield "compressed text", png(px, before=[chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"hi"))])
     yield "animation", png(px, before=[chunk(b"acTL", struct.pack(">II", 1, 0))])
