@@ -958,12 +958,11 @@ if numba is not None:
         """Undo the PNG filters of ``raw`` (h * (stride + 1),) uint8, the inflated scanlines of an 8-bit,
         non-interlaced PNG with ``bpp`` bytes a pixel, into ``out`` (h, stride) uint8 (PNG 1.2, section
         6). Returns -1, or the first row whose filter type is not 0 to 4 (the rest are not written)."""
+        zero = np.zeros(stride, np.uint8)  # the row above the first
         for y in range(h):
             s = y * (stride + 1) + 1
             kind = raw[s - 1]
-            o = out[y]
-            if y == 0 and (kind == 2 or kind == 4):  # above the first row is zero: up is none, Paeth is left
-                kind = 0 if kind == 2 else 1
+            o, up = out[y], out[y - 1] if y > 0 else zero
             if kind == 0:
                 o[:] = raw[s : s + stride]
             elif kind == 1:
@@ -971,22 +970,14 @@ if numba is not None:
                 for x in range(bpp, stride):
                     o[x] = raw[s + x] + o[x - bpp]
             elif kind == 2:
-                up = out[y - 1]
                 for x in range(stride):
                     o[x] = raw[s + x] + up[x]
             elif kind == 3:
-                if y == 0:
-                    o[:bpp] = raw[s : s + bpp]
-                    for x in range(bpp, stride):
-                        o[x] = raw[s + x] + (o[x - bpp] >> 1)
-                else:
-                    up = out[y - 1]
-                    for x in range(bpp):
-                        o[x] = raw[s + x] + (up[x] >> 1)
-                    for x in range(bpp, stride):
-                        o[x] = raw[s + x] + np.uint8((np.int32(o[x - bpp]) + np.int32(up[x])) >> 1)
+                for x in range(bpp):
+                    o[x] = raw[s + x] + (up[x] >> 1)
+                for x in range(bpp, stride):
+                    o[x] = raw[s + x] + np.uint8((np.int32(o[x - bpp]) + np.int32(up[x])) >> 1)
             elif kind == 4:
-                up = out[y - 1]
                 for x in range(bpp):
                     o[x] = raw[s + x] + up[x]
                 for x in range(bpp, stride):
