@@ -52,6 +52,7 @@ from .threads import ProcessThreads
 __all__ = [
     "MAX_LEVEL",
     "DEFAULT_LEVEL",
+    "SIGNATURE",
     "encode_palette_png",
     "bit_depth_for",
     "smooth_order",
@@ -60,7 +61,7 @@ __all__ = [
     "level_error",
 ]
 
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # The default: libdeflate's 7 (see the module's notes). zlib's levels go up to 9; the unfiltered
@@ -322,7 +323,7 @@ def encode_palette_png(
         order, rank = permutation
         layout = (palette[order], None if alpha is None else alpha[order], _pack_rows(rank[indices], bits))
 
-    head = [_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
+    head = [SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
     if icc_profile:
         intent = srgb_intent(icc_profile)  # an sRGB profile is said in one byte (kmgpu.icc)
         if intent is None:

@@ -24,9 +24,10 @@ import zlib
 
 import numpy as np
 
+from .png import SIGNATURE
+
 __all__ = ["SIGNATURE", "HEADER_BYTES", "usable", "eligible_header", "decode"]
 
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The signature and the IHDR chunk: enough to tell whether the rest is worth reading.
 HEADER_BYTES = 8 + 8 + 13 + 4
 # Bytes a pixel by PNG color type at 8 bits: gray, gray and alpha, RGB, RGBA.
