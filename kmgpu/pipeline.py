@@ -509,8 +509,9 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     workers = config.worker_count(device.type)
     # On the CPU with worker processes, the workers fit and encode too (see quantize_in_worker).
     in_workers = device.type == "cpu" and workers > 0
-    # The compiled kernels, loaded once here and not once per worker (on any device: the PNG writer
-    # and the metrics use them), and compiled first where numba has not cached them yet.
+    # The compiled kernels, loaded once here and not once per worker (on any device: the workers'
+    # PNG reader, the PNG writer and the metrics use them), and compiled first where numba has not
+    # cached them yet.
     cpu_kernels.compiled(note)
     dataset = DecodeDataset(
         sources,
