@@ -539,7 +539,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     bar = tqdm(
         total=mine,
         unit="img",
-        disable=not progress or not ctx.is_main,
+        disable=not progress or not ctx.is_main or mine == 0,  # nothing to do: no empty bar
         dynamic_ncols=True,
         file=sys.stderr,
         desc=f"rank 0 of {ctx.world}" if ctx.active else None,

@@ -370,6 +370,24 @@ def test_usage_errors_and_empty_folder(tmp_path):
     assert two.exit_code == 2 and "several sources need --out" in two.output
 
 
+def test_no_progress_bar_when_there_is_nothing_to_do(tmp_path):
+    """An empty folder, or a run already finished: the note or the summary, not a bar of 0 images."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo((40, 30)).save(src / "p.png")
+    args = ["run", "--device", "cpu", "--k", "8", "--out"]
+    first = runner.invoke(app, [*args, str(tmp_path / "o"), str(src)])
+    assert first.exit_code == 0 and "1/1" in first.stderr  # the bar, where there is work
+    nothing = runner.invoke(app, [*args, str(tmp_path / "e"), str(empty)])
+    assert nothing.exit_code == 0 and nothing.stderr.startswith("kmgpu: note: no images found")
+    again = runner.invoke(app, [*args, str(tmp_path / "o"), str(src)])
+    assert again.exit_code == 0 and "1 skipped" in again.output
+    for result in (nothing, again):
+        assert "img" not in result.stderr and "0/0" not in result.stderr, result.stderr
+
+
 def test_a_worker_killed_mid_run_is_one_line_and_the_run_resumes(tmp_path, monkeypatch):
     """The kernel's out-of-memory killer takes a DataLoader worker: one line that says what to do, exit 1,
     the images done kept; the same command then finishes the run as an uninterrupted one."""
