@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -62,11 +61,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class Dither(str, Enum):
-    none = "none"
-    fs = "fs"
 
 
 def _version(value: bool) -> None:
@@ -152,7 +146,16 @@ def _device(spec: str):
 KOpt = Annotated[int, typer.Option("--k", "-k", help="Palette colors per image, 2 to 256.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the K-means initialisation: same seed, same bytes.")]
-DitherOpt = Annotated[Dither, typer.Option(help="fs: Floyd-Steinberg error diffusion (smoother, larger).")]
+# A plain string checked here rather than an Enum: typer's message for a bad Enum value varies by version.
+DitherOpt = Annotated[str, typer.Option(help="none, or fs: Floyd-Steinberg error diffusion (smoother, larger).")]
+
+
+def _dither_error(dither: str | None) -> str | None:
+    if dither is None or dither in ("none", "fs"):
+        return None
+    return f"dither={dither!r} is not a dithering mode: use none or fs"
+
+
 _LEVEL_HELP = "PNG compression, 0 to 12: 7 as small as zlib's 6 in half its time; 8-9 zlib's; 10-12 slow, 4% smaller."
 LevelOpt = Annotated[int, typer.Option("--level", help=_LEVEL_HELP)]
 MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse larger images (decompression bombs).", min=1)]
@@ -178,7 +181,7 @@ def compress(
     ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    dither: DitherOpt = Dither.none,
+    dither: DitherOpt = "none",
     overwrite: Annotated[bool, typer.Option(help="Replace outputs that already exist.")] = False,
     level: LevelOpt = DEFAULT_LEVEL,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -195,6 +198,7 @@ def compress(
 
     _check(palette_size_error(k))
     _check(level_error(level))
+    _check(_dither_error(dither))
     dev = _device(device)
     if output is not None and (out_dir is not None or len(inputs) != 1):
         _fail("-o/--output takes exactly one input and no --out-dir")
@@ -210,7 +214,7 @@ def compress(
             if dest.exists() and not overwrite:
                 raise ValueError(f"{dest}: exists (use --overwrite to replace it)")
             t0 = time.perf_counter()
-            result = quantize(src, k, seed=seed, device=dev, dither=dither.value, max_pixels=max_pixels,
+            result = quantize(src, k, seed=seed, device=dev, dither=dither, max_pixels=max_pixels,
                               **_fit_options(refine_iter, starts))  # fmt: skip
             n_out = result.save(dest, level=level)
             ms = 1e3 * (time.perf_counter() - t0)
@@ -280,7 +284,7 @@ def sweep(
     ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    dither: DitherOpt = Dither.none,
+    dither: DitherOpt = "none",
     level: LevelOpt = DEFAULT_LEVEL,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     refine_iter: RefineOpt = 10,
@@ -294,6 +298,7 @@ def sweep(
 
     ks = _parse_ks(k)
     _check(level_error(level))
+    _check(_dither_error(dither))
     dev = _device(device)
     try:
         src = load_image(image, max_pixels=max_pixels)
@@ -315,7 +320,7 @@ def sweep(
     rows, tiles = [], [(src.pixels, f"original  {src.bytes_in:,} B")]
     for kk in ks:
         t0 = time.perf_counter()
-        result = quantize(src, kk, seed=seed, device=dev, dither=dither.value, **_fit_options(refine_iter, starts))
+        result = quantize(src, kk, seed=seed, device=dev, dither=dither, **_fit_options(refine_iter, starts))
         n_out = result.save(out / f"{image.stem}-k{kk}.png", level=level)
         ms = 1e3 * (time.perf_counter() - t0)
         quality = result.psnr
@@ -383,7 +388,7 @@ def run_command(
     overwrite: Annotated[
         bool, typer.Option(help="Start over, or write into a folder that is not a kmgpu run.")
     ] = False,
-    dither: Annotated[Dither | None, typer.Option(help="none or fs (Floyd-Steinberg). Default: none.")] = None,
+    dither: Annotated[str | None, typer.Option(help="none or fs (Floyd-Steinberg). Default: none.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the K-means initialisation. Default: 0.")] = None,
     level: Annotated[
         int | None,
@@ -414,7 +419,7 @@ def run_command(
     try:
         cfg = load_config(
             config, k=k, device=device, batch_size=batch_size, batch_pixels=batch_pixels, workers=workers,
-            writers=writers, dither=dither.value if dither else None, seed=seed, level=level, max_pixels=max_pixels,
+            writers=writers, dither=dither, seed=seed, level=level, max_pixels=max_pixels,
             refine_iter=refine_iter, starts=starts,
         )  # fmt: skip
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)

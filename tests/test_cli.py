@@ -152,7 +152,7 @@ def test_bad_flags_are_one_clear_line(tmp_path, args, message):
         (["report"], ["Missing argument 'OUT_DIR'", "(see kmgpu report --help)"]),
         (["compres", "p.png"], ["No such command 'compres'", "(see kmgpu --help)"]),
         (["run", ".", "--k", "many"], ["Invalid value for '--k'"]),
-        (["run", ".", "--dither", "ordered"], ["Invalid value for '--dither'"]),
+        (["run", ".", "--dither", "ordered"], ["dither='ordered' is not a dithering mode: use none or fs"]),
     ],
 )
 def test_usage_errors_are_one_line_too(tmp_path, args, message):
@@ -189,9 +189,15 @@ def test_output_onto_the_input_is_refused(tmp_path):
     assert src.read_bytes() == before
 
 
-def test_unknown_dither_is_a_usage_error(tmp_path):
-    result = runner.invoke(app, ["compress", "x.png", "--dither", "ordered"])
+@pytest.mark.parametrize("command", ["compress", "sweep"])
+def test_unknown_dither_is_a_usage_error(tmp_path, command):
+    """Checked by kmgpu before any work, in its own words (not typer's, which vary by version)."""
+    src = tmp_path / "p.png"
+    photo((40, 30)).save(src)
+    result = runner.invoke(app, [command, str(src), "--dither", "FS", "--out-dir", str(tmp_path / "o")])
     assert result.exit_code == 2
+    assert result.output.strip() == "kmgpu: error: dither='FS' is not a dithering mode: use none or fs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
 def test_sweep_writes_table_csv_sheet_and_pngs(tmp_path):
