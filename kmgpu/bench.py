@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -260,15 +261,18 @@ def bench_peers(images: list[Path], k: int, repeats: int, device: torch.device, 
         if quick:  # a tenth of a megapixel is enough to compare, and keeps --quick quick
             im = Image.fromarray(px)
             scale = min(1.0, (1e5 / (im.width * im.height)) ** 0.5)
-            px = np.asarray(im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale)))))
+            px = np.array(im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale)))))  # writable
         return px
 
     def sklearn(cls_name: str):
         def go(px):
             from sklearn import cluster
+            from sklearn.exceptions import ConvergenceWarning
 
             model = getattr(cluster, cls_name)(k, n_init=1, random_state=0)
-            model.fit(px.reshape(-1, 3).astype(np.float32))
+            with warnings.catch_warnings():  # fewer distinct colors than k: its result stands, as kmgpu's does
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(px.reshape(-1, 3).astype(np.float32))
             return _rebuild(px, model.cluster_centers_)
 
         return go

@@ -55,3 +55,23 @@ def test_quick_cpu_bench_json(tmp_path, monkeypatch):
 def test_bench_without_a_device(tmp_path):
     result = runner.invoke(app, ["bench", "--device", "tpu", "--quick"])
     assert result.exit_code == 2 and "is not a device" in result.output
+
+
+def test_peers_print_no_warnings_of_their_own():
+    """scikit-learn warns when an image has fewer distinct colors than k (the gray camera sample at k=256); its
+    result stands, as kmgpu's does, so the bench's output is the table, not a warning between its lines."""
+    import warnings
+
+    import pytest
+    import torch
+
+    pytest.importorskip("sklearn")
+    from kmgpu.bench import bench_peers
+    from kmgpu.imageio import SAMPLES_DIR
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = bench_peers([SAMPLES_DIR / "camera.png"], 256, 1, torch.device("cpu"), quick=True)
+    by_method = {r["method"]: r for r in rows}
+    for method in ("kmgpu", "sklearn KMeans"):  # 255 gray levels, 256 colors: each reproduced exactly
+        assert by_method[method]["status"] == "ok" and by_method[method]["psnr"] is None, by_method[method]
