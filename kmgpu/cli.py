@@ -493,7 +493,7 @@ def _print_images(out_dir: Path) -> None:
             typer.echo(table.row(r["output"], f"{r['width']}x{r['height']}", r["bytes_in"], r["bytes_out"],
                                  r["ratio"], r["bpp"], quality, r["ssim"], r["ms"]))  # fmt: skip
         else:
-            typer.echo(f"{r['output']:<30}failed: {r['error']}")
+            typer.echo(f"{r['output']:<29} failed: {r['error']}")
     typer.echo()
 
 

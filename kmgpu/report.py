@@ -74,10 +74,14 @@ class Table:
         self.columns = list(columns)
 
     def row(self, *cells) -> str:
+        """The cells in their columns; a cell as wide as its column or wider still has a space before it."""
         parts = []
         for i, ((_, width, spec), cell) in enumerate(zip(self.columns, cells)):
             text = _fmt(cell, spec)
-            parts.append(f"{text:<{width}}" if i == 0 else f"{text:>{width}}")
+            if i == 0:
+                parts.append(f"{text:<{width}}")
+            else:
+                parts.append(f"{text:>{width}}" if len(text) < width else " " + text)
         return "".join(parts).rstrip()
 
     def header(self) -> str:

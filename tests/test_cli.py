@@ -26,6 +26,18 @@ def rows_of(output: str) -> dict:
     return {line.split()[0]: line.split() for line in output.splitlines() if line and not line.startswith("kmgpu")}
 
 
+def test_table_cells_never_run_together():
+    """A value as wide as its column (a 1x1 image's 656.00 bits per pixel) or a long first cell still splits
+    into its fields; the others keep their columns."""
+    from kmgpu.report import Table
+
+    table = Table([("image", 8, "s"), ("ratio", 7, ".2f"), ("bpp", 6, ".2f")])
+    assert table.row("a.png", 0.84, 656.0) == "a.png      0.84 656.00"
+    assert table.row("a.png", 0.84, 3.5) == "a.png      0.84  3.50"
+    assert table.row("a-long-name.png", 12345.5, 1.0).split() == ["a-long-name.png", "12345.50", "1.00"]
+    assert table.header() == "image     ratio   bpp"
+
+
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
