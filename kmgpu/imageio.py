@@ -173,9 +173,13 @@ def from_pil(im: Image.Image) -> LoadedImage:
 
 def _loaded(pixels: np.ndarray, icc_source: bytes | None, notes: list[str]) -> LoadedImage:
     """The image of normalised ``pixels``, with the source's profile where it can be carried over."""
-    icc = _rgb_icc(icc_source) if pixels.shape[2] >= 3 else None
+    rgb = _rgb_icc(icc_source)
+    # Gray pixels under an RGB profile (Pillow's convert("L") keeps the RGB image's): viewers ignore
+    # it there, and so does kmgpu, so that the output looks as the input did.
+    icc = rgb if pixels.shape[2] >= 3 else None
     if icc_source and icc is None:
-        notes.append("its ICC profile is not an RGB profile and was not carried over")
+        what = "is not an RGB profile" if rgb is None else "is an RGB profile on gray pixels (viewers ignore it)"
+        notes.append(f"its ICC profile {what} and was not carried over")
     return LoadedImage(pixels, icc, notes=notes)
 
 

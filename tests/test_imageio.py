@@ -139,6 +139,27 @@ def test_icc_profile_is_carried_and_srgb_is_said_in_a_byte(tmp_path):
                 assert im.info.get("icc_profile") is None and im.info.get("srgb") == 0
 
 
+def test_a_profile_that_cannot_be_carried_is_dropped_with_a_note_that_says_why(tmp_path):
+    """A gray profile cannot tag a palette PNG; an RGB profile on gray pixels (what Pillow's convert("L") keeps)
+    is one viewers ignore there, so the output is not tagged with it either. Each note says which."""
+    from PIL import ImageCms
+
+    gray_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # not RGB
+    with Image.open(SAMPLES / "rocket.jpg") as im:
+        adobe = im.info["icc_profile"]
+    cases = {"gray.jpg": (gray_icc, "is not an RGB profile"), "rgb-on-gray.png": (adobe, "RGB profile on gray")}
+    for name, (icc, says) in cases.items():
+        src = tmp_path / name
+        photo().convert("L").save(src, icc_profile=icc)
+        result = quantize(src, 8, device="cpu")
+        (note,) = result.source.notes
+        assert says in note and note.endswith("was not carried over"), note
+        out = tmp_path / f"{name}.out.png"
+        result.save(out)
+        with Image.open(out) as im:
+            assert im.mode == "P" and "icc_profile" not in im.info and "srgb" not in im.info
+
+
 def test_animated_gif_uses_first_frame_and_says_so(tmp_path):
     first = photo()
     second = Image.fromarray(255 - np.asarray(first))
