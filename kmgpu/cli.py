@@ -509,6 +509,8 @@ def _print_summary(s: dict) -> None:
         *([("larger", f"{s['images_larger']:,} {'image' if s['images_larger'] == 1 else 'images'} came out larger"
            f" than {'its' if s['images_larger'] == 1 else 'their'} input, worst ratio {s['ratio_worst']:.2f}"
            f" ({s['ratio_worst_image']})")] if s.get("images_larger") else []),
+        *([("notes", f"{s['images_noted']:,} {'image has a note' if s['images_noted'] == 1 else 'images have notes'}"
+           f" in the manifest, the first: {s['first_note']}")] if s.get("images_noted") else []),
         ("PSNR", f"mean {num(s['psnr_mean'], '.2f')} dB, worst {num(s['psnr_worst'], '.2f')} dB"
          + (f" ({s['psnr_worst_image']})" if s.get("psnr_worst_image") else "")
          + (f", {s['lossless_images']} lossless" if s.get("lossless_images") else "")),

@@ -134,7 +134,8 @@ def _merge_spills(spills: list[Path], path: Path, key: Callable[[dict], Any]) ->
 
 def summarize(manifest: Path) -> dict:
     """Totals over a manifest, in one streaming pass."""
-    done = failed = pixels = bytes_in = bytes_out = larger = 0
+    done = failed = pixels = bytes_in = bytes_out = larger = noted = 0
+    first_note = None
     psnr_sum = ssim_sum = 0.0
     worst_ratio, worst_ratio_of = math.inf, None
     n_psnr = lossless = 0
@@ -153,6 +154,9 @@ def summarize(manifest: Path) -> dict:
             ratio = r["bytes_in"] / r["bytes_out"]
             if ratio < worst_ratio:
                 worst_ratio, worst_ratio_of = ratio, r["source"]
+        if r.get("notes"):  # an animated image's first frame, a profile not carried over, ...
+            noted += 1
+            first_note = first_note or f"{r['source']}: {r['notes'][0]}"
         if r["psnr"] is None:
             lossless += 1
         else:
@@ -174,6 +178,8 @@ def summarize(manifest: Path) -> dict:
         "images_larger": larger,
         "ratio_worst": worst_ratio if larger else None,
         "ratio_worst_image": worst_ratio_of,
+        "images_noted": noted,
+        "first_note": first_note,
         "psnr_mean": psnr_sum / n_psnr if n_psnr else None,
         "psnr_worst": worst_psnr if n_psnr else None,
         "psnr_worst_image": worst_psnr_of,

@@ -124,6 +124,32 @@ def test_outputs_larger_than_their_input_are_counted_and_named(tmp_path):
     assert json.loads((tmp_path / "alone_kmgpu" / SUMMARY).read_text())["images_larger"] == 0
 
 
+def test_images_with_notes_are_counted_and_the_first_is_shown(tmp_path):
+    """Notes (an animated image's first frame) live in the manifest; the summary counts the images that have
+    one and shows the first, in walk order, so a run of thousands does not hide them."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    frames = [photo((40, 30)), photo((40, 30)).rotate(180)]
+    for name in ("b.gif", "c.gif"):
+        frames[0].save(src / name, save_all=True, append_images=frames[1:])
+    photo((40, 30)).save(src / "a.png")
+    result = run_cli(src, "--k", "8")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "photos_kmgpu"
+    summary = json.loads((out / SUMMARY).read_text())
+    first = f"{src / 'b.gif'}: animated image: only the first of 2 frames is used"
+    assert summary["images_noted"] == 2 and summary["first_note"] == first
+    line = f"notes   2 images have notes in the manifest, the first: {first}"
+    assert line in result.output.splitlines() and line in runner.invoke(app, ["report", str(out)]).output
+    noted = [r["source"] for r in records(out) if r.get("notes")]
+    assert noted == [str(src / "b.gif"), str(src / "c.gif")]
+    (src / "b.gif").unlink()
+    (src / "c.gif").unlink()
+    quiet = run_cli(src, "--k", "8", "--out", tmp_path / "quiet")
+    assert quiet.exit_code == 0 and not any(line.startswith("notes") for line in quiet.output.splitlines())
+    assert json.loads((tmp_path / "quiet" / SUMMARY).read_text())["images_noted"] == 0
+
+
 def test_batching_and_workers_do_not_change_a_byte(tmp_path):
     src = tmp_path / "photos"
     make_tree(src)
