@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .allocator import keep_freed_memory
 from .imageio import ImageReadError, LoadedImage, load_image
 
-__all__ = ["IMAGE_SUFFIXES", "Item", "Sample", "scan", "item_key", "DoneSet", "DecodeDataset"]
+__all__ = ["IMAGE_SUFFIXES", "Item", "Sample", "scan", "source_names", "item_key", "DoneSet", "DecodeDataset"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
 
@@ -86,18 +86,37 @@ def scan(
     sources : list of Path
         Folders (walked recursively) or single files.
     prefix_sources : bool
-        Put each source's outputs under a folder of the source's name (for
-        several sources); otherwise each tree is mirrored at the root.
+        Put each source's outputs under its own name (for several sources,
+        see :func:`source_names`); otherwise each tree is mirrored at the root.
     on_error : callable, optional
         Called with a one-line message for each folder that cannot be read.
     """
-    for index, src in enumerate(sources):
-        top = src.name if prefix_sources else ""
+    tops = source_names(sources) if prefix_sources else [""] * len(sources)
+    for index, (src, top) in enumerate(zip(sources, tops)):
         if src.is_dir():
             yield from _walk(index, src, top, (index,), on_error)
         else:
-            rel = _output_names([src.name])[src.name]
-            yield Item(index, src, f"{top}/{rel}" if top else rel, (index, src.name))
+            yield Item(index, src, top or _output_names([src.name])[src.name], (index, src.name))
+
+
+def source_names(sources: list[Path]) -> list[str]:
+    """Where each of several sources goes in the output folder: a folder to its name (``.`` and ``..``
+    resolved to theirs), a file to its output name (STEM.png); a name an earlier source took is numbered,
+    ``photos``, ``photos.2``, ``photos.3``, ``a.png``, ``a.2.png``, so that no two sources share one."""
+    taken: set[str] = set()
+    names = []
+    for src in sources:
+        if src.is_dir():
+            base, suffix = src.resolve().name or "root", ""  # "/" has no name
+        else:
+            base, suffix = os.path.splitext(src.name)[0], ".png"
+        name, n = base + suffix, 1
+        while name in taken:
+            n += 1
+            name = f"{base}.{n}{suffix}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 # Folders of more entries than this are listed on disk (see the module's notes). In memory a listing

@@ -110,7 +110,7 @@ class RunResult:
 def default_output(sources: list[Path]) -> Path:
     """SRC_kmgpu beside SRC; several sources need an explicit --out."""
     if len(sources) != 1:
-        raise RunError("several sources need --out DIR (each goes to DIR/<its name>/)")
+        raise RunError("several sources need --out DIR (each goes to DIR/<its name>)")
     src = sources[0].resolve()
     return src.parent / f"{src.name if src.is_dir() else src.stem}_kmgpu"
 
@@ -119,6 +119,18 @@ def _check_sources(sources: list[Path], out: Path) -> None:
     for src in sources:
         if not src.exists():
             raise RunError(f"{src}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    for src in sources:  # every image once: no source twice, none inside another
+        src_r = src.resolve()
+        if src_r in seen:
+            also = f" (also as {seen[src_r]})" if str(seen[src_r]) != str(src) else ""
+            raise RunError(f"{src}: given twice{also}: each image is done once")
+        for other_r, other in seen.items():
+            if other_r.is_dir() and other_r in src_r.parents:
+                raise RunError(f"{src}: inside {other}, which is walked already: give one of them")
+            if src_r.is_dir() and src_r in other_r.parents:
+                raise RunError(f"{other}: inside {src}, which is walked already: give one of them")
+        seen[src_r] = src
     out_r = out.resolve()
     for src in sources:
         src_r = src.resolve()

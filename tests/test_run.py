@@ -547,6 +547,53 @@ def test_several_sources_go_under_their_names(tmp_path):
     assert sorted(r["output"] for r in records(tmp_path / "o")) == ["x/p.png", "y/p.png"]
 
 
+def test_sources_of_one_name_each_keep_their_outputs(tmp_path, monkeypatch):
+    """Two folders of one name (a/photos, b/photos), two files of one stem, a file beside the folders: every
+    image gets its own output, numbered in the order given; "." and ".." go under the names they stand for,
+    never outside --out (".." once put its images beside the output folder)."""
+    sizes = {"a/photos/p.png": (40, 30), "b/photos/p.png": (50, 30), "b/p.jpg": (60, 30), "c/p.jpg": (70, 30)}
+    for rel, size in sizes.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        photo(size).save(tmp_path / rel)
+    out = tmp_path / "o"
+    given = ["a/photos", "b/photos", "b/p.jpg", "c/p.jpg"]
+    result = run_cli(*(tmp_path / g for g in given), "--out", out)
+    assert result.exit_code == 0, result.output
+    expected = {"photos/p.png": 40, "photos.2/p.png": 50, "p.png": 60, "p.2.png": 70}
+    assert sorted(r["output"] for r in records(out)) == sorted(expected)
+    for rel, width in expected.items():
+        with Image.open(out / rel) as im:
+            assert im.size == (width, 30)
+    again = run_cli(*(tmp_path / g for g in given), "--out", out)
+    assert again.exit_code == 0 and "4 skipped" in again.output
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path / "a" / "photos")
+    dots = run_cli(".", "../../b", "--out", tmp_path / "dots")
+    assert dots.exit_code == 0, dots.output
+    assert sorted(r["output"] for r in records(tmp_path / "dots")) == ["b/p.png", "b/photos/p.png", "photos/p.png"]
+    after = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "dots" not in p.parts)
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (["a", "a"], "a: given twice: each image is done once"),
+        (["a", "./a/../a"], "a/../a: given twice (also as a): each image is done once"),
+        (["a", "a/sub"], "a/sub: inside a, which is walked already: give one of them"),
+        (["a/sub/p.png", "a"], "a/sub/p.png: inside a, which is walked already: give one of them"),
+    ],
+)
+def test_a_source_given_twice_or_inside_another_is_refused(tmp_path, monkeypatch, given, message):
+    """Each image is done once: the same folder twice, or one inside another, is bad usage, before any work."""
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    photo().save(tmp_path / "a" / "sub" / "p.png")
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(*given, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and result.output.strip() == f"kmgpu: error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_refuses_other_settings(tmp_path):
     src = tmp_path / "photos"
     src.mkdir()
