@@ -258,8 +258,12 @@ def _output_paths(inputs: list[Path], k: int, output: Path | None, out_dir: Path
     for dest in paths:
         if dest.resolve() in resolved_inputs:
             _fail(f"{dest}: the output would overwrite an input")
-    if len({d.resolve() for d in paths}) != len(paths):
-        _fail("two inputs would write the same output; use --out-dir or rename them")
+    first_of: dict[Path, Path] = {}
+    for src, dest in zip(inputs, paths):
+        if dest.resolve() in first_of:
+            earlier = first_of[dest.resolve()]
+            _fail(f"{earlier} and {src} would both write {dest}: give them in separate commands or rename one")
+        first_of[dest.resolve()] = src
     return paths
 
 

@@ -38,6 +38,22 @@ def test_table_cells_never_run_together():
     assert table.header() == "image     ratio   bpp"
 
 
+def test_two_inputs_that_would_write_one_output_are_named(tmp_path):
+    """a/x.png and b/x.png into one --out-dir, or one input twice: bad usage that names both, before any work."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        photo().save(tmp_path / folder / "x.png")
+    a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+    result = runner.invoke(app, ["compress", str(a), str(b), "--out-dir", str(tmp_path / "o"), "--overwrite"])
+    assert result.exit_code == 2 and not (tmp_path / "o").exists()
+    assert result.output.strip() == (
+        f"kmgpu: error: {a} and {b} would both write {tmp_path / 'o' / 'x.png.png'}: "
+        "give them in separate commands or rename one"
+    )
+    twice = runner.invoke(app, ["compress", str(a), str(a)])
+    assert twice.exit_code == 2 and f"would both write {tmp_path / 'a' / 'x-k64.png'}" in twice.output
+
+
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
