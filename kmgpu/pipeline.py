@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -155,8 +156,63 @@ def _remove_stray_temporaries(out: Path) -> int:
     return removed
 
 
-def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> DoneSet:
-    """Make ``out`` ready, record the settings, and return what is already done there."""
+# The descriptors of the folders this process holds (see _exclusive). A forked child (a DataLoader
+# worker) closes its copies, so that the lock goes with this process alone: its workers, which outlive
+# a SIGKILL by a few seconds, do not keep the resume out.
+_held_folders: set[int] = set()
+
+
+def _close_held_folders() -> None:
+    for fd in _held_folders:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_folders.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_folders)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold the folder ``out`` for this run alone.
+
+    A second run into the same folder while this one lives is refused, where it
+    would delete this one's temporaries and rewrite its manifest under it. The
+    lock is the kernel's (``flock`` on the folder), so it goes with the process,
+    even one killed with SIGKILL; where the file system takes no such locks
+    (some network ones), or there is no ``fcntl``, the run goes on without one.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(out, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunError(f"{out} is in use by another kmgpu run: let it finish, or choose another --out") from None
+    except OSError:
+        pass  # this file system takes no locks
+    _held_folders.add(fd)
+    try:
+        yield
+    finally:
+        if fd in _held_folders:  # not closed already, as a forked child does
+            _held_folders.discard(fd)
+            os.close(fd)
+
+
+def _prepare_output(
+    out: Path, config: RunConfig, *, resume: bool, overwrite: bool, held: contextlib.ExitStack | None = None
+) -> DoneSet:
+    """Make ``out`` ready, record the settings, and return what is already done there.
+
+    ``out`` is held for this run (:func:`_exclusive`) until ``held`` closes, from before anything in it changes.
+    """
     manifest = out / MANIFEST
     settings = {key: getattr(config, key) for key in OUTPUT_SETTINGS}
     if out.exists() and not out.is_dir():
@@ -183,6 +239,8 @@ def _prepare_output(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(f"{out} is not empty and holds no kmgpu run: choose another --out, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    if held is not None:
+        held.enter_context(_exclusive(out))
     if not resume:  # starting over: the previous run's records go, its files are written again
         manifest.unlink(missing_ok=True)
         for part in out.glob("manifest.rank*.jsonl"):
@@ -471,12 +529,14 @@ def run(
     config = config.effective(device.type)  # automatic counts resolved, as summary.json records them
     ctx.start(device)
     try:
-        return _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progress, note, started, t_start)
+        with contextlib.ExitStack() as held:
+            args = (config, ctx, device, resume, overwrite, fail_fast, progress, note, started, t_start, held)
+            return _run(sources, out, *args)
     finally:
         ctx.stop()
 
 
-def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progress, note, started, t_start):
+def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progress, note, started, t_start, held):
     from tqdm import tqdm
 
     out = out if out is not None else default_output(sources)
@@ -485,7 +545,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     try:
         _check_sources(sources, out)
         if ctx.is_main:
-            done = _prepare_output(out, config, resume=resume, overwrite=overwrite)
+            done = _prepare_output(out, config, resume=resume, overwrite=overwrite, held=held)
     except RunError as err:
         problem = str(err)
     except OSError as err:  # a path that cannot be a folder, no permission, no space

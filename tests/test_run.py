@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -214,6 +215,69 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, sig):
     for rel in names:
         if rel.suffix == ".png":
             assert (killed / rel).read_bytes() == (whole / rel).read_bytes(), rel
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_touches_nothing(tmp_path):
+    """While a run holds its output folder, another into it is bad usage: it would delete the first one's
+    temporaries and rewrite its manifest under it."""
+    import fcntl
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo().save(src / "p.png")
+    out = tmp_path / "o"
+    assert run_cli(src, "--out", out, "--k", "8").exit_code == 0
+    (out / ".p.png.abc.tmp").write_bytes(b"the first run's write, half done")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fd = os.open(out, os.O_RDONLY)  # as the first run holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = run_cli(src, "--out", out, "--k", "8", "--no-resume", "--overwrite")
+    finally:
+        os.close(fd)
+    assert second.exit_code == 2
+    assert (
+        second.output.strip()
+        == f"kmgpu: error: {out} is in use by another kmgpu run: let it finish, or choose another --out"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    again = run_cli(src, "--out", out, "--k", "8")  # the folder is free again once its holder is gone
+    assert again.exit_code == 0 and "1 skipped" in again.output and not (out / ".p.png.abc.tmp").exists()
+
+
+def test_the_main_process_killed_alone_leaves_the_folder_free_at_once(tmp_path):
+    """The out-of-memory killer takes the main process and its DataLoader workers live on for a few seconds:
+    they do not hold the output folder, so the same command resumes at once."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    base = np.asarray(photo((240, 160)))
+    for i in range(40):
+        Image.fromarray(np.roll(base, 7 * i, axis=1)).save(src / f"img{i:02d}.png")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "kmgpu", "run", str(src), "--out", str(out), "--k", "64", "--device", "cpu"]
+    cmd += ["--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / MANIFEST).exists() and (out / MANIFEST).read_text().count("\n") >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    workers = [
+        int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ]
+    proc.kill()
+    proc.wait()
+    try:
+        assert workers and all(os.path.exists(f"/proc/{pid}") for pid in workers)  # alive, for now
+        resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads((out / SUMMARY).read_text())["images_done"] == 40
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("inside_a_kernel", [False, True])
