@@ -293,6 +293,7 @@ def sweep(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     refine_iter: RefineOpt = 10,
     starts: StartsOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace files of these names that already exist.")] = False,
 ) -> None:
     """Quantize one image at several k: a table, sweep.csv, a side-by-side sheet.png and chart.png."""
     from .imageio import ImageReadError, load_image
@@ -304,13 +305,23 @@ def sweep(
     _check(level_error(level))
     _check(_dither_error(dither))
     dev = _device(device)
+    out = out_dir if out_dir is not None else Path(f"{image.stem}-sweep")
+    targets = [out / f"{image.stem}-k{kk}.png" for kk in ks] + [
+        out / n for n in ("sweep.csv", "sheet.png", "chart.png")
+    ]
+    for target in targets:  # before any work: never the input, and nothing of the user's unasked
+        if target.resolve() == image.resolve():
+            _fail(f"{target}: the output would overwrite the input; choose another --out-dir")
+    existing = [target for target in targets if target.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        _fail(f"{existing[0]}{more}: exists (use --overwrite to replace it)")
     try:
         src = load_image(image, max_pixels=max_pixels)
     except ImageReadError as err:
         _fail(str(err), code=1)
     for note in src.notes:
         _note(f"{image}: {note}")
-    out = out_dir if out_dir is not None else Path(f"{image.stem}-sweep")
     _check(_folder_error(out, f"--out-dir {out}"))
     _load_kernels()
     lossless = lossless_png_bytes(src.pixels)

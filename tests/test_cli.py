@@ -254,6 +254,31 @@ def test_sweep_writes_table_csv_sheet_and_pngs(tmp_path):
         assert not chart.exists() and "pip install 'kmgpu[plot]'" in result.output
 
 
+def test_sweep_never_writes_over_the_input_nor_unasked_over_a_file(tmp_path):
+    """An image named like one of sweep's own files (sheet.png) swept into its own folder would have been
+    replaced by the contact sheet; a user's sweep.csv there, by the table. Both refused before any work."""
+    src = tmp_path / "sheet.png"
+    photo((60, 40)).save(src)
+    before = src.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        into_own = runner.invoke(app, ["sweep", str(src), "--k", "4", "--out-dir", str(tmp_path), *extra])
+        assert into_own.exit_code == 2 and src.read_bytes() == before
+        assert into_own.output.strip().endswith("the output would overwrite the input; choose another --out-dir")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "sweep.csv").write_text("the user's own\n")
+    args = ["sweep", str(src), "--k", "4", "--out-dir", str(mine), "--device", "cpu"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and refused.output.strip() == (
+        f"kmgpu: error: {mine / 'sweep.csv'}: exists (use --overwrite to replace it)"
+    )
+    assert sorted(p.name for p in mine.iterdir()) == ["sweep.csv"]
+    assert (mine / "sweep.csv").read_text() == "the user's own\n"
+    replaced = runner.invoke(app, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (mine / "sweep.csv").read_text().startswith("k,colors,bytes") and (mine / "sheet-k4.png").exists()
+
+
 def test_sweep_of_a_name_that_is_not_utf8_draws_its_chart(tmp_path):
     """The chart's title names the image: bytes of another encoding are drawn as U+FFFD, not a crash."""
     pytest.importorskip("matplotlib")
