@@ -107,7 +107,8 @@ def source_names(sources: list[Path]) -> list[str]:
     names = []
     for src in sources:
         if src.is_dir():
-            base, suffix = src.resolve().name or "root", ""  # "/" has no name
+            # "." and ".." by the names they stand for; a link by its own name (abspath does not follow it)
+            base, suffix = os.path.basename(os.path.abspath(src)) or "root", ""  # "/" has no name
         else:
             base, suffix = os.path.splitext(src.name)[0], ".png"
         name, n = base + suffix, 1

@@ -637,6 +637,10 @@ def test_sources_of_one_name_each_keep_their_outputs(tmp_path, monkeypatch):
     assert sorted(r["output"] for r in records(tmp_path / "dots")) == ["b/p.png", "b/photos/p.png", "photos/p.png"]
     after = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "dots" not in p.parts)
     assert after == before
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "photos")  # a link goes by the name it was given
+    linked = run_cli(tmp_path / "link", tmp_path / "c", "--out", tmp_path / "linked")
+    assert linked.exit_code == 0, linked.output
+    assert sorted(r["output"] for r in records(tmp_path / "linked")) == ["c/p.png", "link/p.png"]
 
 
 @pytest.mark.parametrize(
