@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .allocator import keep_freed_memory
+from .config import dither_error
 from .imageio import DEFAULT_MAX_PIXELS
 from .png import DEFAULT_LEVEL, level_error, palette_size_error
 
@@ -146,15 +147,9 @@ def _device(spec: str):
 KOpt = Annotated[int, typer.Option("--k", "-k", help="Palette colors per image, 2 to 256.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the K-means initialisation: same seed, same bytes.")]
-# A plain string checked here rather than an Enum: typer's message for a bad Enum value varies by version.
+# A plain string checked by kmgpu (dither_error) rather than an Enum: typer's message for a bad Enum
+# value varies by version.
 DitherOpt = Annotated[str, typer.Option(help="none, or fs: Floyd-Steinberg error diffusion (smoother, larger).")]
-
-
-def _dither_error(dither: str | None) -> str | None:
-    if dither is None or dither in ("none", "fs"):
-        return None
-    return f"dither={dither!r} is not a dithering mode: use none or fs"
-
 
 _LEVEL_HELP = "PNG compression, 0 to 12: 7 as small as zlib's 6 in half its time; 8-9 zlib's; 10-12 slow, 4% smaller."
 LevelOpt = Annotated[int, typer.Option("--level", help=_LEVEL_HELP)]
@@ -198,7 +193,7 @@ def compress(
 
     _check(palette_size_error(k))
     _check(level_error(level))
-    _check(_dither_error(dither))
+    _check(dither_error(dither))
     dev = _device(device)
     if output is not None and (out_dir is not None or len(inputs) != 1):
         _fail("-o/--output takes exactly one input and no --out-dir")
@@ -260,10 +255,10 @@ def _output_paths(inputs: list[Path], k: int, output: Path | None, out_dir: Path
             _fail(f"{dest}: the output would overwrite an input")
     first_of: dict[Path, Path] = {}
     for src, dest in zip(inputs, paths):
-        if dest.resolve() in first_of:
-            earlier = first_of[dest.resolve()]
-            _fail(f"{earlier} and {src} would both write {dest}: give them in separate commands or rename one")
-        first_of[dest.resolve()] = src
+        key = dest.resolve()
+        if key in first_of:
+            _fail(f"{first_of[key]} and {src} would both write {dest}: give them in separate commands or rename one")
+        first_of[key] = src
     return paths
 
 
@@ -303,7 +298,7 @@ def sweep(
 
     ks = _parse_ks(k)
     _check(level_error(level))
-    _check(_dither_error(dither))
+    _check(dither_error(dither))
     dev = _device(device)
     out = out_dir if out_dir is not None else Path(f"{image.stem}-sweep")
     targets = [out / f"{image.stem}-k{kk}.png" for kk in ks] + [

@@ -22,7 +22,14 @@ from .imageio import DEFAULT_MAX_PIXELS
 from .png import DEFAULT_LEVEL, level_error, palette_size_error
 from .threads import available_cores
 
-__all__ = ["ConfigError", "RunConfig", "load_config"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "DITHER_MODES", "dither_error"]
+
+DITHER_MODES = ("none", "fs")
+
+
+def dither_error(dither: str) -> str | None:
+    """Why ``dither`` is not a dithering mode, or None when it is one."""
+    return None if dither in DITHER_MODES else f"dither={dither!r} is not a dithering mode: use none or fs"
 
 
 _AUTO_OR_POSITIVE = "must be -1 (automatic) or 1 or more"
@@ -98,7 +105,7 @@ class RunConfig:
         if problem:
             raise ConfigError(problem)
         checks = [
-            (self.dither in ("none", "fs"), f"dither={self.dither!r} is not a dithering mode: use none or fs"),
+            (dither_error(self.dither) is None, dither_error(self.dither)),
             (self.batch_size >= 1 or self.batch_size == -1, f"batch_size={self.batch_size} {_AUTO_OR_POSITIVE}"),
             (self.batch_pixels >= 1, f"batch_pixels={self.batch_pixels} must be at least 1"),
             (self.workers >= -1, f"workers={self.workers} must be -1 (automatic), 0 or more"),

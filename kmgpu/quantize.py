@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from . import cpu_kernels
+from .config import dither_error
 from .device import resolve_device
 from .imageio import (
     DEFAULT_MAX_PIXELS,
@@ -669,7 +670,6 @@ def quantize_pixels(
 # --------------------------------------------------------------------------
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor | LoadedImage
-DITHER_MODES = ("none", "fs")
 
 
 def as_loaded(image: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
@@ -819,9 +819,7 @@ def quantize_batch(
     own random stream (see :func:`fit_palettes`), so an image's result does
     not depend on the rest of the batch. Default keys: the positions.
     """
-    if dither not in DITHER_MODES:
-        raise ValueError(f"dither={dither!r} is not a dithering mode: use none or fs")
-    problem = palette_size_error(int(k))
+    problem = dither_error(dither) or palette_size_error(int(k))
     if problem:
         raise ValueError(problem)
     loaded = [as_loaded(im, max_pixels=max_pixels) for im in images]
