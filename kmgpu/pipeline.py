@@ -120,9 +120,9 @@ def _check_sources(sources: list[Path], out: Path) -> None:
     for src in sources:
         if not src.exists():
             raise RunError(f"{src}: no such file or folder")
+    resolved = [src.resolve() for src in sources]
     seen: dict[Path, Path] = {}
-    for src in sources:  # every image once: no source twice, none inside another
-        src_r = src.resolve()
+    for src, src_r in zip(sources, resolved):  # every image once: no source twice, none inside another
         if src_r in seen:
             also = f" (also as {seen[src_r]})" if str(seen[src_r]) != str(src) else ""
             raise RunError(f"{src}: given twice{also}: each image is done once")
@@ -133,8 +133,7 @@ def _check_sources(sources: list[Path], out: Path) -> None:
                 raise RunError(f"{other}: inside {src}, which is walked already: give one of them")
         seen[src_r] = src
     out_r = out.resolve()
-    for src in sources:
-        src_r = src.resolve()
+    for src, src_r in zip(sources, resolved):
         if src_r.is_dir() and (out_r == src_r or src_r in out_r.parents):
             raise RunError(f"--out {out} is inside the source {src}: choose a folder outside it")
         if src_r.is_file() and out_r == src_r:
@@ -207,7 +206,7 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 
 def _prepare_output(
-    out: Path, config: RunConfig, *, resume: bool, overwrite: bool, held: contextlib.ExitStack | None = None
+    out: Path, config: RunConfig, *, resume: bool, overwrite: bool, held: contextlib.ExitStack
 ) -> DoneSet:
     """Make ``out`` ready, record the settings, and return what is already done there.
 
@@ -239,8 +238,7 @@ def _prepare_output(
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(f"{out} is not empty and holds no kmgpu run: choose another --out, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    if held is not None:
-        held.enter_context(_exclusive(out))
+    held.enter_context(_exclusive(out))
     if not resume:  # starting over: the previous run's records go, its files are written again
         manifest.unlink(missing_ok=True)
         for part in out.glob("manifest.rank*.jsonl"):
