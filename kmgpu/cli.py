@@ -202,7 +202,6 @@ def compress(
 
     table = Table([("image", 18, "s"), ("size", 11, "s"), ("bytes in", 12, ",d"), ("bytes out", 11, ",d")])
     table.columns += [("ratio", 7, ".2f"), ("bpp", 6, ".2f"), ("PSNR", 7, ".2f"), ("SSIM", 8, ".4f"), ("ms", 7, ".0f")]
-    typer.echo(table.header())
     failed, records = 0, []
     for src, dest in zip(inputs, targets):
         try:
@@ -220,6 +219,8 @@ def compress(
         for note in result.source.notes:
             _note(f"{src}: {note}")
         rec = ImageRecord.of(result, str(dest), n_out, ms)
+        if not records:  # no header above nothing: inputs that all fail print their errors alone
+            typer.echo(table.header())
         records.append(rec)
         typer.echo(table.row(src.name, f"{rec.width}x{rec.height}", rec.bytes_in, rec.bytes_out, rec.ratio,
                              rec.bpp, rec.psnr, rec.ssim, rec.ms))  # fmt: skip

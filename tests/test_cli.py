@@ -150,6 +150,17 @@ def test_broken_files_fail_cleanly_and_the_rest_is_done(tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("kmgpu: error:")]
     assert len(errors) == 3 and "Traceback" not in result.output
     assert sorted(p.name for p in out.iterdir()) == ["good.png"]
+    assert result.output.count("bytes in") == 1  # the table's header, once, above the one row
+
+
+def test_inputs_that_all_fail_print_their_errors_alone(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = runner.invoke(app, ["compress", str(tmp_path / "photos"), str(tmp_path / "gone.jpg"), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"kmgpu: error: {tmp_path / 'photos'}: is a folder, not an image (kmgpu run takes folders)",
+        f"kmgpu: error: {tmp_path / 'gone.jpg'}: no such file",
+    ]
 
 
 @pytest.mark.parametrize(
