@@ -2,13 +2,15 @@
 """Throughput and memory of ``kmgpu run`` on a folder, beside pngquant run in parallel.
 
 Builds a folder of a few hundred PNGs from the bundled samples (crops and scales of
-several sizes), then times, each in a fresh process:
+several sizes), or takes yours (``--folder``), then times, each in a fresh process:
 
 - ``kmgpu run`` for each device (cpu, and cuda when present), with ``--batch-size 1
   --workers 0``, with batching and workers, and with the automatic defaults (the
   batch size and workers they chose in parentheses);
 - ``pngquant --nofs --speed 3`` over the same files with as many parallel processes as
-  there are CPU cores (``--pngquant-jobs``), when pngquant is on PATH.
+  there are CPU cores (``--pngquant-jobs``), when pngquant is on PATH. pngquant reads only
+  PNG: the images of a ``--folder`` in other formats are converted for it before the timing
+  (kmgpu reads them as they are).
 
 Images/s and MP/s are over the whole process (start-up included) and, for kmgpu, also
 over its loop alone (from summary.json). Peak memory is the largest process's peak RSS.
@@ -24,6 +26,7 @@ does not grow with the number of images.
     python scripts/bench_run.py --repeats 3     # medians of 3 interleaved rounds
     python scripts/bench_run.py --devices cuda --batch-size 64 --workers 4 --more-workers 8,12
     python scripts/bench_run.py --memory
+    python scripts/bench_run.py --folder ~/photos --repeats 3   # your own images
 """
 
 from __future__ import annotations
@@ -51,6 +54,36 @@ from kmgpu.metrics import psnr  # noqa: E402
 
 def build_folder(folder: Path, count: int, tiny: bool = False) -> float:
     return bench.build_folder(folder, count, size=(32, 24) if tiny else None)
+
+
+def describe_folder(folder: Path, png_copies: Path) -> tuple[int, float, Path]:
+    """The images kmgpu would take under ``folder``: their count, megapixels, and a folder of them all as PNGs
+    for pngquant (``folder`` itself when they are PNGs already; else copies under ``png_copies``)."""
+    from kmgpu.data import IMAGE_SUFFIXES
+
+    count, pixels, converted = 0, 0, False
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        try:
+            with Image.open(path) as im:
+                size = im.size
+                if path.suffix.lower() != ".png":
+                    dest = png_copies / path.relative_to(folder).with_suffix(".png")
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    im.convert("RGBA" if "A" in im.getbands() else "RGB").save(dest, compress_level=1)
+                    converted = True
+        except (OSError, ValueError):  # kmgpu records it as a failure; not counted here
+            continue
+        count += 1
+        pixels += size[0] * size[1]
+    if converted:  # the PNGs among them go beside the copies, so that pngquant sees every image
+        for path in folder.rglob("*"):
+            if path.suffix.lower() == ".png" and path.is_file():
+                dest = png_copies / path.relative_to(folder)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, dest)
+    return count, pixels / 1e6, png_copies if converted else folder
 
 
 def peak_rss_of(cmd: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
@@ -142,7 +175,8 @@ def _ratios(device: str, results: dict, pngquant: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--images", type=int, default=300, help="images of the folder built from the samples")
+    ap.add_argument("--folder", type=Path, help="time this folder of images instead of one built from the samples")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -154,6 +188,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.folder is not None and not args.folder.is_dir():
+        ap.error(f"--folder {args.folder}: not a folder")
 
     import torch
 
@@ -161,9 +197,15 @@ def main() -> None:
     has_pngquant = shutil.which("pngquant") is not None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder = work / "photos"
-        mp = build_folder(folder, args.images)
-        print(f"{args.images} images, {mp:.1f} MP, k={args.k}; {os.cpu_count()} CPU cores; torch {torch.__version__}")
+        if args.folder is None:
+            folder = pq_folder = work / "photos"
+            count, mp = args.images, build_folder(folder, args.images)
+        else:
+            folder = args.folder
+            count, mp, pq_folder = describe_folder(folder, work / "png")
+            if count == 0:
+                ap.error(f"--folder {folder}: no images kmgpu reads")
+        print(f"{count} images, {mp:.1f} MP, k={args.k}; {os.cpu_count()} CPU cores; torch {torch.__version__}")
         # Rounds, each running every configuration once: a slow minute of a shared machine falls
         # on all of them alike, and the medians over rounds are what the table shows.
         runs = [(1, 0), (args.batch_size, 0), (1, args.workers), (args.batch_size, args.workers), (None, None)]
@@ -177,7 +219,7 @@ def main() -> None:
                 r.update(loop=s["megapixels_per_second"], psnr=s["psnr_mean"], bytes=s["bytes_out"], config=s["config"])
                 results[(device, batch, workers)].append(r)
             if has_pngquant:
-                pngquant.append(run_pngquant(folder, work / "pq", args.pngquant_jobs, args.k))
+                pngquant.append(run_pngquant(pq_folder, work / "pq", args.pngquant_jobs, args.k))
         rounds = f"; median of {args.repeats} rounds (wall range at the end)" if args.repeats > 1 else ""
         print(f"kmgpu: each run a fresh process{rounds}")
         head = (
@@ -190,9 +232,9 @@ def main() -> None:
             if batch is None:
                 used = done[-1]["config"]
                 label = f"kmgpu {device} defaults ({used['batch_size']} / {used['workers']})"
-            print(_row(label, done, args.images, mp))
+            print(_row(label, done, count, mp))
         if has_pngquant:
-            print(_row(f"pngquant --nofs --speed 3, {args.pngquant_jobs} processes", pngquant, args.images, mp))
+            print(_row(f"pngquant --nofs --speed 3, {args.pngquant_jobs} processes", pngquant, count, mp))
         else:
             print("pngquant is not on PATH: skipped (apt-get install pngquant)")
         print("ratios (medians):")

@@ -75,3 +75,32 @@ def test_peers_print_no_warnings_of_their_own():
     by_method = {r["method"]: r for r in rows}
     for method in ("kmgpu", "sklearn KMeans"):  # 255 gray levels, 256 colors: each reproduced exactly
         assert by_method[method]["status"] == "ok" and by_method[method]["psnr"] is None, by_method[method]
+
+
+def test_bench_run_takes_a_folder_of_any_images_and_gives_pngquant_pngs(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("bench_run", "scripts/bench_run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    jpeg = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    jpeg.save(folder / "sub" / "a.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (10, 20, 4), dtype=np.uint8)).save(folder / "b.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not looked at")
+    count, mp, png_folder = bench_run.describe_folder(folder, tmp_path / "png")
+    assert (count, mp) == (2, (30 * 40 + 10 * 20) / 1e6)
+    pngs = sorted(p.relative_to(png_folder).as_posix() for p in png_folder.rglob("*.png"))
+    assert pngs == ["b.png", "sub/a.png"]
+    with Image.open(folder / "sub" / "a.jpg") as src, Image.open(png_folder / "sub" / "a.png") as copy:
+        assert np.array_equal(np.asarray(src.convert("RGB")), np.asarray(copy))
+    assert sorted(p.name for p in folder.rglob("*")) == ["a.jpg", "b.png", "broken.jpg", "notes.txt", "sub"]
+    # A folder of PNGs is handed to pngquant as it is.
+    only_png = tmp_path / "pngs"
+    only_png.mkdir()
+    (folder / "b.png").rename(only_png / "b.png")
+    assert bench_run.describe_folder(only_png, tmp_path / "png2") == (1, 200 / 1e6, only_png)
