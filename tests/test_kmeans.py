@@ -282,6 +282,12 @@ def test_single_point():
     [
         (np.array([[0.0, np.nan], [1.0, 1.0]]), 1, {}, r"NaN or inf \(first at index \(0, 0, 1\)\)"),
         (np.array([[0.0, np.inf], [1.0, 1.0]]), 1, {}, "NaN or inf"),
+        (np.array([[np.inf, 0.0], [-np.inf, 1.0]]), 1, {}, r"points contain NaN or inf \(first at index \(0, 0, 0\)\)"),
+        (np.zeros((4, 2)), 2, {"weights": [1, np.nan, 1, 1]}, r"weights contain NaN or inf \(first at index \(0, 1"),
+        (np.zeros((4, 2)), 2, {"init": [[0.0, 0.0], [np.inf, 0.0]]}, "init centers contain NaN or inf"),
+        (np.eye(4, 2), 2, {"init": np.eye(2), "init_labels": [0, 1, 2, 0]}, "init_labels must lie in 0 to 1"),
+        (np.eye(4, 2), 2, {"init": np.eye(2), "init_labels": [0, -1, 1, 0]}, "init_labels must lie in 0 to 1"),
+        (np.zeros((4, 2)), 2, {"weights": [1.0, 1.0, -0.5, 1.0]}, "weights must be >= 0"),
         (np.zeros((4, 2)), 0, {}, "n_clusters=0 is out of range"),
         (np.zeros((4, 2)), 5, {}, "n_clusters=5 exceeds the 4 points"),
         (np.zeros(4), 1, {}, r"shape \(N, d\) or \(B, N, d\), got shape \(4,\)"),
@@ -298,6 +304,14 @@ def test_single_point():
 def test_bad_input_names_the_value(points, k, kwargs, message):
     with pytest.raises(ValueError, match=message):
         kmeans(points, k, **kwargs)
+
+
+def test_the_finite_check_is_exact_where_the_sum_overflows():
+    from kmgpu.kmeans import _check_finite
+
+    _check_finite(torch.full((4, 2), 3e38), "points")  # the float32 sum is inf; every value is finite
+    with pytest.raises(ValueError, match=r"points contain NaN or inf \(first at index \(3, 1\)\)"):
+        _check_finite(torch.tensor([[3e38, 3e38]] * 3 + [[3e38, float("nan")]]), "points")
 
 
 def test_padding_never_counts_toward_k():
