@@ -14,8 +14,12 @@ from kmgpu.metrics import psnr, ssim
 from kmgpu.quantize import (
     _CPU_PADDING,
     _SMALL_GROUP,
+    _pack,
+    _pack_narrow,
     _pillow_fs,
+    _Ragged,
     _size_groups,
+    _unpack,
     color_histogram,
     fit_palette,
     fit_palettes,
@@ -43,6 +47,25 @@ def test_color_histogram_round_trips(coffee_small):
     assert torch.equal(hist.colors[hist.inverse], pixels)
     assert int(hist.counts.sum()) == len(pixels)
     assert len(np.unique(hist.colors.numpy(), axis=0)) == hist.colors.shape[0]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_packed_colors_unpack_to_themselves(channels):
+    rng = np.random.default_rng(channels)
+    pixels = torch.from_numpy(rng.integers(0, 256, (500, channels), dtype=np.uint8))
+    pixels[0] = 255  # the top byte set: an int32 key of 4 channels is negative
+    for keys in (_pack(pixels, 8), _pack_narrow(pixels)):
+        assert torch.equal(_unpack(keys, channels), pixels)
+
+
+@pytest.mark.parametrize("sizes", [[7], [0], [3, 0, 4], [1, 1, 5]])
+def test_ragged_layout_from_sizes_is_the_one_from_images(sizes):
+    counts = torch.tensor(sizes, dtype=torch.int64)
+    from_sizes = _Ragged.of_sizes(counts)
+    from_images = _Ragged(torch.repeat_interleave(torch.arange(len(sizes)), counts), len(sizes))
+    for name in ("image", "slot", "sizes"):
+        assert torch.equal(getattr(from_sizes, name), getattr(from_images, name)), name
+    assert (from_sizes.host_sizes, from_sizes.host_starts) == (from_images.host_sizes, from_images.host_starts)
 
 
 @pytest.mark.parametrize("k", [2, 16, 64])
