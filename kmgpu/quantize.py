@@ -581,7 +581,7 @@ def fit_palettes(
     ks = torch.as_tensor([k] * n if isinstance(k, int) else list(k), dtype=torch.int64)
     if ks.numel() != n:
         raise ValueError(f"k holds {ks.numel()} values for {n} images")
-    problems = [p for p in (palette_size_error(int(v)) for v in ks.unique()) if p]
+    problems = [p for p in (palette_size_error(v) for v in sorted(set(ks.tolist()))) if p]
     if problems:
         raise ValueError(problems[0])
     if not 1 <= coarse_bits <= 8:
