@@ -56,12 +56,12 @@ def build_folder(folder: Path, count: int, tiny: bool = False) -> float:
     return bench.build_folder(folder, count, size=(32, 24) if tiny else None)
 
 
-def describe_folder(folder: Path, png_copies: Path) -> tuple[int, float, Path]:
-    """The images kmgpu would take under ``folder``: their count, megapixels, and a folder of them all as PNGs
-    for pngquant (``folder`` itself when they are PNGs already; else copies under ``png_copies``)."""
+def describe_folder(folder: Path, png_copies: Path) -> tuple[int, float, list[Path]]:
+    """The images kmgpu would take under ``folder``: their count, megapixels, and each one as a PNG for
+    pngquant (a PNG itself; any other format as a copy under ``png_copies``)."""
     from kmgpu.data import IMAGE_SUFFIXES
 
-    count, pixels, converted = 0, 0, False
+    count, pixels, pngs = 0, 0, []
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
@@ -72,18 +72,14 @@ def describe_folder(folder: Path, png_copies: Path) -> tuple[int, float, Path]:
                     dest = png_copies / path.relative_to(folder).with_suffix(".png")
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     im.convert("RGBA" if "A" in im.getbands() else "RGB").save(dest, compress_level=1)
-                    converted = True
+                else:
+                    dest = path
         except (OSError, ValueError):  # kmgpu records it as a failure; not counted here
             continue
         count += 1
         pixels += size[0] * size[1]
-    if converted:  # the PNGs among them go beside the copies, so that pngquant sees every image
-        for path in folder.rglob("*"):
-            if path.suffix.lower() == ".png" and path.is_file():
-                dest = png_copies / path.relative_to(folder)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, dest)
-    return count, pixels / 1e6, png_copies if converted else folder
+        pngs.append(dest)
+    return count, pixels / 1e6, pngs
 
 
 def peak_rss_of(cmd: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
@@ -113,8 +109,7 @@ def run_kmgpu(folder: Path, out: Path, device: str, batch: int | None, workers: 
     return {"wall": wall, "rss": rss, "summary": summary}
 
 
-def run_pngquant(folder: Path, out: Path, jobs: int, k: int) -> dict:
-    files = sorted(folder.rglob("*.png"))
+def run_pngquant(files: list[Path], out: Path, jobs: int, k: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # pngquant is built with OpenMP: each of ``jobs`` processes would start a thread per core and
     # they would spin against each other (on 16 cores, 16 processes ran 0.6 MP/s). One each.
@@ -198,11 +193,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.folder is None:
-            folder = pq_folder = work / "photos"
+            folder = work / "photos"
             count, mp = args.images, build_folder(folder, args.images)
+            pngs = sorted(folder.rglob("*.png"))
         else:
             folder = args.folder
-            count, mp, pq_folder = describe_folder(folder, work / "png")
+            count, mp, pngs = describe_folder(folder, work / "png")
             if count == 0:
                 ap.error(f"--folder {folder}: no images kmgpu reads")
         print(f"{count} images, {mp:.1f} MP, k={args.k}; {os.cpu_count()} CPU cores; torch {torch.__version__}")
@@ -219,7 +215,7 @@ def main() -> None:
                 r.update(loop=s["megapixels_per_second"], psnr=s["psnr_mean"], bytes=s["bytes_out"], config=s["config"])
                 results[(device, batch, workers)].append(r)
             if has_pngquant:
-                pngquant.append(run_pngquant(pq_folder, work / "pq", args.pngquant_jobs, args.k))
+                pngquant.append(run_pngquant(pngs, work / "pq", args.pngquant_jobs, args.k))
         rounds = f"; median of {args.repeats} rounds (wall range at the end)" if args.repeats > 1 else ""
         print(f"kmgpu: each run a fresh process{rounds}")
         head = (

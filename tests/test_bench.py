@@ -92,15 +92,18 @@ def test_bench_run_takes_a_folder_of_any_images_and_gives_pngquant_pngs(tmp_path
     Image.fromarray(rng.integers(0, 256, (10, 20, 4), dtype=np.uint8)).save(folder / "b.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("not looked at")
-    count, mp, png_folder = bench_run.describe_folder(folder, tmp_path / "png")
+    count, mp, pngs = bench_run.describe_folder(folder, tmp_path / "png")
     assert (count, mp) == (2, (30 * 40 + 10 * 20) / 1e6)
-    pngs = sorted(p.relative_to(png_folder).as_posix() for p in png_folder.rglob("*.png"))
-    assert pngs == ["b.png", "sub/a.png"]
-    with Image.open(folder / "sub" / "a.jpg") as src, Image.open(png_folder / "sub" / "a.png") as copy:
+    assert pngs == [folder / "b.png", tmp_path / "png" / "sub" / "a.png"]  # walk order; a PNG as it is
+    copies = tmp_path / "png"
+    assert sorted(p.relative_to(copies).as_posix() for p in copies.rglob("*.png")) == ["sub/a.png"]
+    with Image.open(folder / "sub" / "a.jpg") as src, Image.open(pngs[1]) as copy:
         assert np.array_equal(np.asarray(src.convert("RGB")), np.asarray(copy))
     assert sorted(p.name for p in folder.rglob("*")) == ["a.jpg", "b.png", "broken.jpg", "notes.txt", "sub"]
-    # A folder of PNGs is handed to pngquant as it is.
+    # A folder of PNGs is handed to pngquant as it is, an unreadable one left out as kmgpu fails it.
     only_png = tmp_path / "pngs"
     only_png.mkdir()
-    (folder / "b.png").rename(only_png / "b.png")
-    assert bench_run.describe_folder(only_png, tmp_path / "png2") == (1, 200 / 1e6, only_png)
+    (folder / "b.png").rename(only_png / "B.PNG")
+    (only_png / "broken.png").write_bytes(b"not a PNG")
+    assert bench_run.describe_folder(only_png, tmp_path / "png2") == (1, 200 / 1e6, [only_png / "B.PNG"])
+    assert not (tmp_path / "png2").exists()
