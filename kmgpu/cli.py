@@ -329,10 +329,10 @@ def sweep(
     table.columns += [("PSNR", 7, ".2f"), ("SSIM", 8, ".4f"), ("ms", 7, ".0f")]
     typer.echo(table.header())
     rows, tiles = [], [(src.pixels, f"original  {src.bytes_in:,} B")]
-    for kk in ks:
+    for kk, target in zip(ks, targets):  # the PNGs' names, checked above, come first in targets
         t0 = time.perf_counter()
         result = quantize(src, kk, seed=seed, device=dev, dither=dither, **_fit_options(refine_iter, starts))
-        n_out = result.save(out / f"{image.stem}-k{kk}.png", level=level)
+        n_out = result.save(target, level=level)
         ms = 1e3 * (time.perf_counter() - t0)
         quality = result.psnr
         row = {
