@@ -335,6 +335,7 @@ def test_distinct_colors_is_a_sort_of_the_keys(channels, sizes, levels, seed, by
     with mock.patch.object(cpu_kernels, "_BY_CHANNEL_BELOW", by_channel_below):
         keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels, sizes)
     assert per_image.tolist() == [len(torch.unique(p, dim=0)) for p in pixels.split(sizes)]
+    assert inverse.dtype == torch.int32  # half the bytes of int64, written at random
     packed = sum(pixels[:, ch].long() << (8 * ch) for ch in range(channels))
     start = row = 0
     for size, m in zip(sizes, per_image.tolist()):
