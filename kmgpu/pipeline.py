@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -398,12 +399,22 @@ def _encode(result: QuantizedImage, item: Item, level: int, ms_before: float, cl
     return data, record
 
 
+# Write errors that say the output folder takes no more files (no space, over quota, read-only):
+# every later image would fail the same way after all its work, so the run stops instead.
+_OUTPUT_FULL = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
+
+
 def _write(out: Path, item: Item, data: bytes, record: dict, clock: StageClock) -> dict:
-    """Write one encoded image atomically; its record, or an error record if the write failed."""
+    """Write one encoded image atomically; its record, or an error record if the write failed.
+
+    Raises OSError (naming ``out``) where the output folder takes no more files.
+    """
     try:
         with clock.stage("write"):
             write_atomic(out / item.rel, data)
     except OSError as err:
+        if err.errno in _OUTPUT_FULL:
+            raise OSError(err.errno, err.strerror, str(out)) from err
         reason = f"{item.path}: cannot write {item.rel}: {err.strerror or err}"
         return _error_record(item, reason, record["ms"], record["k"])
     return record
@@ -464,10 +475,26 @@ class _OrderedSink:
 
     def _pop(self) -> None:
         head = self.queue.popleft()
-        record = head.result() if isinstance(head, Future) else head
+        self._record(head.result() if isinstance(head, Future) else head)
+
+    def _record(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.on_record(record)
+
+    def settle(self) -> None:
+        """Record what is done, once the writers have stopped, leaving out any write that raised.
+
+        After a run that stopped on an error: the images whose writes failed
+        are not recorded, so the same command resumes with them.
+        """
+        while self.queue:
+            head = self.queue.popleft()
+            if isinstance(head, Future):
+                if head.exception() is not None:
+                    continue
+                head = head.result()
+            self._record(head)
 
     def close(self) -> None:
         self.file.close()
@@ -664,7 +691,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         sink.drain()
     finally:
         pool.shutdown(wait=True)
-        sink.drain()
+        sink.settle()  # after an error, what was done is kept; a write that raised is redone by a resume
         sink.close()
         bar.close()
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import kmgpu.imageio
 import kmgpu.records
 from kmgpu.cli import app
 from kmgpu.pipeline import MANIFEST, SUMMARY, read_manifest
@@ -549,6 +550,48 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypat
     resumed = run_cli(src, "--out", full)
     assert resumed.exit_code == 0 and "0 done" not in resumed.output
     assert json.loads((full / SUMMARY).read_text())["images_skipped"] == 3
+    assert run_cli(src, "--out", tmp_path / "whole").exit_code == 0
+    assert comparable(full) == comparable(tmp_path / "whole")
+
+
+def test_a_disk_that_fills_up_stops_the_run_and_the_resume_finishes_it(tmp_path, monkeypatch):
+    """No space left for an image: every later one would fail the same way after all its work, so the
+    run stops (one line naming the output folder, exit 1) with what was written recorded, nothing
+    half-written, and the same command then ends as an uninterrupted run."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(20):
+        photo((40 + i, 30)).save(src / f"p{i:02d}.png")
+    full, real = tmp_path / "full", kmgpu.pipeline.write_atomic
+    tried = []
+
+    def fills_up(path, data):
+        if Path(path).suffix != ".png":
+            return real(path, data)
+        tried.append(Path(path).name)
+        if len(tried) <= 4:
+            return real(path, data)
+        with kmgpu.imageio.atomic_file(path) as f:  # the disk fills half way through the file
+            f.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kmgpu.pipeline, "write_atomic", fills_up)
+    stopped = run_cli(src, "--out", full, "--workers", "0", "--batch-size", "1")
+    assert stopped.exit_code == 1 and "Traceback" not in stopped.output
+    assert stopped.output.splitlines() == [
+        f"kmgpu: error: cannot write: No space left on device ({full}); the images done so far are kept, "
+        "the same command resumes"
+    ]
+    assert len(tried) < 20  # it stopped, rather than fitting and encoding every image to fail its write
+    kept = records(full)
+    assert [r["output"] for r in kept] == [f"p{i:02d}.png" for i in range(4)]
+    assert all(r["status"] == "ok" for r in kept)
+    assert sorted(p.name for p in full.glob("*.png")) == [r["output"] for r in kept]
+    assert not list(full.glob(".*.tmp"))
+    monkeypatch.setattr(kmgpu.pipeline, "write_atomic", real)
+    resumed = run_cli(src, "--out", full, "--workers", "0", "--batch-size", "1")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((full / SUMMARY).read_text())["images_skipped"] == 4
     assert run_cli(src, "--out", tmp_path / "whole").exit_code == 0
     assert comparable(full) == comparable(tmp_path / "whole")
 
