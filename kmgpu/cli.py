@@ -513,8 +513,8 @@ def _print_summary(s: dict) -> None:
         return "n/a" if value is None else format(value, spec)
 
     lines = [
-        ("images", f"{s['images_done']:,} done, {s['images_failed']:,} failed, {s.get('images_skipped', 0):,} skipped"
-         f" (already done), {s.get('images_listed', 0):,} listed"),
+        ("images", f"{s['images_done']:,} done, {s['images_failed']:,} failed" + (" so far" if s.get("unfinished") else
+         f", {s.get('images_skipped', 0):,} skipped (already done), {s.get('images_listed', 0):,} listed")),
         ("bytes", f"{s['bytes_in']:,} in, {s['bytes_out']:,} out, ratio {num(s['ratio'], '.2f')},"
          f" {num(s['bits_per_pixel'], '.2f')} bits per pixel"),
         *([("larger", f"{s['images_larger']:,} {'image' if s['images_larger'] == 1 else 'images'} came out larger"
@@ -527,12 +527,14 @@ def _print_summary(s: dict) -> None:
          + (f", {s['lossless_images']} lossless" if s.get("lossless_images") else "")),
         ("SSIM", f"mean {num(s['ssim_mean'], '.4f')}, worst {num(s['ssim_worst'], '.4f')}"
          + (f" ({s['ssim_worst_image']})" if s.get("ssim_worst_image") else "")),
-        ("time", f"{s.get('wall_seconds', 0):.1f} s wall, {s.get('images_per_second', 0):.2f} images/s,"
-         f" {s.get('megapixels_per_second', 0):.2f} MP/s this run"),
-        ("device", f"{s['versions']['device']}" + (f" ({s['versions']['device_name']})"
-                                                    if s["versions"].get("device_name") else "")
-         + (f", {s['processes']} processes" if (s.get("processes") or 1) > 1 else "")),
-        ("output", f"{s['output']}  (manifest.jsonl, summary.json)"),
+        *([("run", "not finished (stopped, or still going): no summary.json yet; the same command resumes"),
+           ("output", f"{s['output']}  (manifest.jsonl)")] if s.get("unfinished") else [
+          ("time", f"{s.get('wall_seconds', 0):.1f} s wall, {s.get('images_per_second', 0):.2f} images/s,"
+           f" {s.get('megapixels_per_second', 0):.2f} MP/s this run"),
+          ("device", f"{s['versions']['device']}" + (f" ({s['versions']['device_name']})"
+                                                      if s["versions"].get("device_name") else "")
+           + (f", {s['processes']} processes" if (s.get("processes") or 1) > 1 else "")),
+          ("output", f"{s['output']}  (manifest.jsonl, summary.json)")]),
     ]  # fmt: skip
     for name, text in lines:
         typer.echo(f"{name:<8}{text}")
@@ -556,7 +558,7 @@ def report(
     except FileNotFoundError:
         if not (out_dir / MANIFEST).exists():
             _fail(f"{out_dir}: no {SUMMARY} or {MANIFEST} here: not the output folder of a kmgpu run")
-        summary = {**summarize(out_dir / MANIFEST), "output": str(out_dir), "versions": {"device": "unknown"}}
+        summary = {**summarize(out_dir / MANIFEST), "output": str(out_dir), "unfinished": True}
     except (OSError, json.JSONDecodeError) as err:
         _fail(f"{path}: cannot be read ({err})")
     if images:

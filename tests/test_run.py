@@ -588,6 +588,11 @@ def test_a_disk_that_fills_up_stops_the_run_and_the_resume_finishes_it(tmp_path,
     assert all(r["status"] == "ok" for r in kept)
     assert sorted(p.name for p in full.glob("*.png")) == [r["output"] for r in kept]
     assert not list(full.glob(".*.tmp"))
+    report = runner.invoke(app, ["report", str(full)])
+    assert report.exit_code == 0 and "images  4 done, 0 failed so far" in report.output.splitlines()
+    assert "run     not finished (stopped, or still going): no summary.json yet; the same command resumes" in (
+        report.output.splitlines()
+    )
     monkeypatch.setattr(kmgpu.pipeline, "write_atomic", real)
     resumed = run_cli(src, "--out", full, "--workers", "0", "--batch-size", "1")
     assert resumed.exit_code == 0, resumed.output
