@@ -691,9 +691,11 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         sink.drain()
     finally:
         pool.shutdown(wait=True)
-        sink.settle()  # after an error, what was done is kept; a write that raised is redone by a resume
-        sink.close()
-        bar.close()
+        try:
+            sink.settle()  # after an error, what was done is kept; a write that raised is redone by a resume
+        finally:
+            sink.close()
+            bar.close()
 
     loop = max(time.perf_counter() - t_loop, 1e-9)
     mine_stats = {
