@@ -7,6 +7,7 @@ stderr, and the others are still done); 2 bad usage (one line on stderr).
 from __future__ import annotations
 
 import codecs
+import functools
 import math
 import os
 import sys
@@ -182,14 +183,21 @@ def compress(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     refine_iter: RefineOpt = 10,
     starts: StartsOpt = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Processes compressing images side by side on the CPU, one image each; 0 inline; "
+            "-1: cores + 1 (8 at most), one per image at most.",
+            min=-1,
+        ),
+    ] = -1,
 ) -> None:
     """Compress images to palette PNGs; one line per image: sizes, ratio, PSNR, SSIM, time.
 
     Without -o or --out-dir, each output goes beside its input as STEM-kK.png.
     """
-    from .imageio import ImageReadError
-    from .quantize import quantize
-    from .report import ImageRecord, Table
+    from .pipeline import WorkerDied, in_workers
+    from .report import Table
 
     _check(palette_size_error(k))
     _check(level_error(level))
@@ -202,34 +210,60 @@ def compress(
 
     table = Table([("image", 18, "s"), ("size", 11, "s"), ("bytes in", 12, ",d"), ("bytes out", 11, ",d")])
     table.columns += [("ratio", 7, ".2f"), ("bpp", 6, ".2f"), ("PSNR", 7, ".2f"), ("SSIM", 8, ".4f"), ("ms", 7, ".0f")]
+    work = functools.partial(
+        _compress_one, k=k, seed=seed, device=dev, dither=dither, max_pixels=max_pixels, level=level,
+        overwrite=overwrite, fit_options=_fit_options(refine_iter, starts),
+    )  # fmt: skip
+    if dev.type != "cpu":
+        workers = 0  # the device fits; forked children could not use CUDA
+    elif workers < 0:
+        from .threads import available_cores
+
+        workers = min(available_cores() + 1, 8) if len(inputs) > 1 else 0
+    workers = min(workers, len(inputs))
     failed, records = 0, []
-    for src, dest in zip(inputs, targets):
-        try:
-            if dest.exists() and not overwrite:
-                raise ValueError(f"{dest}: exists (use --overwrite to replace it)")
-            t0 = time.perf_counter()
-            result = quantize(src, k, seed=seed, device=dev, dither=dither, max_pixels=max_pixels,
-                              **_fit_options(refine_iter, starts))  # fmt: skip
-            n_out = result.save(dest, level=level)
-            ms = 1e3 * (time.perf_counter() - t0)
-        except (ImageReadError, ValueError, OSError) as err:
-            failed += 1
-            typer.echo(f"kmgpu: error: {_one_line(err, src)}", err=True)
-            continue
-        for note in result.source.notes:
-            _note(f"{src}: {note}")
-        rec = ImageRecord.of(result, str(dest), n_out, ms)
-        if not records:  # no header above nothing: inputs that all fail print their errors alone
-            typer.echo(table.header())
-        records.append(rec)
-        typer.echo(table.row(src.name, f"{rec.width}x{rec.height}", rec.bytes_in, rec.bytes_out, rec.ratio,
-                             rec.bpp, rec.psnr, rec.ssim, rec.ms))  # fmt: skip
+    try:
+        for src, (rec, notes, error) in zip(inputs, in_workers(work, list(zip(inputs, targets)), workers)):
+            if error is not None:
+                failed += 1
+                typer.echo(f"kmgpu: error: {error}", err=True)
+                continue
+            for note in notes:
+                _note(f"{src}: {note}")
+            if not records:  # no header above nothing: inputs that all fail print their errors alone
+                typer.echo(table.header())
+            records.append(rec)
+            typer.echo(table.row(src.name, f"{rec.width}x{rec.height}", rec.bytes_in, rec.bytes_out, rec.ratio,
+                                 rec.bpp, rec.psnr, rec.ssim, rec.ms))  # fmt: skip
+    except WorkerDied as err:
+        _fail(f"{err}; the images printed above are written", code=1)
     if len(records) > 1:
         total_in = sum(r.bytes_in for r in records)
         total_out = sum(r.bytes_out for r in records)
         typer.echo(table.row("total", "", total_in, total_out, total_in / total_out))
     if failed:
         raise typer.Exit(1)
+
+
+def _compress_one(src: Path, dest: Path, *, k, seed, device, dither, max_pixels, level, overwrite, fit_options):
+    """One image of ``kmgpu compress``, written to ``dest``: (its record, its notes, None) or (None, (), one line).
+
+    Runs in the command's process or in a DataLoader worker, which sends back the record alone.
+    """
+    from .imageio import ImageReadError
+    from .quantize import quantize
+    from .report import ImageRecord
+
+    try:
+        if dest.exists() and not overwrite:
+            raise ValueError(f"{dest}: exists (use --overwrite to replace it)")
+        t0 = time.perf_counter()
+        result = quantize(src, k, seed=seed, device=device, dither=dither, max_pixels=max_pixels, **fit_options)
+        n_out = result.save(dest, level=level)
+        ms = 1e3 * (time.perf_counter() - t0)
+    except (ImageReadError, ValueError, OSError) as err:
+        return None, (), _one_line(err, src)
+    return ImageRecord.of(result, str(dest), n_out, ms), tuple(result.source.notes), None
 
 
 def _one_line(err: Exception, src: Path) -> str:

@@ -67,6 +67,7 @@ __all__ = [
     "RunError",
     "RunResult",
     "WorkerDied",
+    "in_workers",
     "run",
     "default_output",
     "summarize",
@@ -86,7 +87,7 @@ class WorkerDied(RuntimeError):
     """A DataLoader worker process died mid-run (the kernel's out-of-memory killer, most often)."""
 
 
-def _from_workers(samples: Iterator[Sample]) -> Iterator[Sample]:
+def _from_workers(samples: Iterator, less: str = "a smaller --batch-pixels or a lower --max-pixels") -> Iterator:
     """The DataLoader's samples; a worker's death (torch's RuntimeError) as a :class:`WorkerDied`."""
     try:
         yield from samples
@@ -94,9 +95,53 @@ def _from_workers(samples: Iterator[Sample]) -> Iterator[Sample]:
         if not str(err).startswith("DataLoader worker (pid"):  # not "Caught ... in DataLoader worker process"
             raise
         raise WorkerDied(
-            f"{' '.join(str(err).split())}, killed for memory most often: fewer --workers, a smaller "
-            "--batch-pixels or a lower --max-pixels take less"
+            f"{' '.join(str(err).split())}, killed for memory most often: fewer --workers, {less} take less"
         ) from None
+
+
+class _Calls(torch.utils.data.Dataset):
+    """Item i is ``work(*jobs[i])``, computed in whichever DataLoader worker asks for it."""
+
+    def __init__(self, jobs: list[tuple], work: Callable):
+        self.jobs, self.work = jobs, work
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        return self.work(*self.jobs[i])
+
+
+def in_workers(work: Callable, jobs: list[tuple], workers: int) -> Iterator:
+    """``work(*job)`` of each job, in order, computed in ``workers`` DataLoader worker processes (inline for 0).
+
+    What ``kmgpu compress`` does with many images on the CPU: one image per
+    process, on every core, as the workers of ``kmgpu run`` do. ``work`` runs
+    in forked children: it returns what the main process needs (a record, not
+    pixels). At most two jobs a worker are done ahead of the one awaited.
+    """
+    if workers <= 0:
+        yield from (work(*job) for job in jobs)
+        return
+    yield from _loaded(_Calls(jobs, work), workers, prefetch=2, less="a lower --max-pixels")
+
+
+def _loaded(dataset: torch.utils.data.Dataset, workers: int, *, prefetch: int, **advice) -> Iterator:
+    """The items of ``dataset``, one at a time, from a DataLoader of ``workers`` worker processes (0: inline)."""
+    with warnings.catch_warnings():
+        if workers <= available_cores() + 1:
+            # kmgpu's own choice on the CPU (see RunConfig.worker_count): not torch's concern.
+            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=identity_collate,
+            worker_init_fn=torch_threads_for_workers if workers else None,
+            prefetch_factor=prefetch if workers else None,
+        )
+        items = iter(loader)  # torch checks the worker count again here
+    return _from_workers(items, **advice)
 
 
 @dataclass
@@ -618,19 +663,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         shard=shard,
         work=functools.partial(quantize_in_worker, config=config) if in_workers else None,
     )
-    with warnings.catch_warnings():
-        if workers <= available_cores() + 1:
-            # kmgpu's own choice on the CPU (see RunConfig.worker_count): not torch's concern.
-            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-        loader = DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=workers,
-            collate_fn=identity_collate,
-            worker_init_fn=torch_threads_for_workers if workers else None,
-            prefetch_factor=4 if workers else None,
-        )
-        samples = _from_workers(iter(loader))  # torch checks the worker count again here
+    samples = _loaded(dataset, workers, prefetch=4)
     counters = _Counters()
     clock = StageClock(device)
     bar = tqdm(

@@ -1,8 +1,10 @@
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,69 @@ def test_compress_many_with_a_name_clash_and_fs_dither(tmp_path):
     with Image.open(out / "a.png.png") as im:
         assert len(im.getcolors()) <= 8
     assert float(rows_of(dithered.output)["a.png"][6]) < float(rows_of(plain.output)["a.png"][6])
+
+
+def test_compress_in_worker_processes_prints_and_writes_what_one_process_does(tmp_path):
+    """Several inputs on the CPU go to DataLoader worker processes, one image each: the same bytes, the
+    same rows in the order given (but their milliseconds), the same error lines, and an output already
+    there is kept."""
+    names = []
+    for i, size in enumerate([(120, 80), (33, 47), (200, 150), (64, 64), (90, 31)]):
+        names.append(f"p{i}.png")
+        photo(size).save(tmp_path / names[-1])
+    (tmp_path / "cut.jpg").write_bytes(encoded(photo(), "JPEG")[:300])
+    (tmp_path / "gray.png").write_bytes(encoded(photo().convert("L"), "PNG"))
+    inputs = [str(tmp_path / n) for n in [*names[:2], "cut.jpg", *names[2:], "gray.png"]]
+    outputs = {}
+    for workers in ("0", "3"):
+        out = tmp_path / f"out{workers}"
+        out.mkdir()
+        (out / "p3.png").write_bytes(b"keep me")
+        result = runner.invoke(app, ["compress", *inputs, "--out-dir", str(out), "-k", "16", "--workers", workers])
+        assert result.exit_code == 1, result.output
+        assert (out / "p3.png").read_bytes() == b"keep me"
+        lines = result.output.splitlines()
+        assert [line.split()[0] for line in lines] == [
+            "image", "p0.png", "p1.png", "kmgpu:", "p2.png", "kmgpu:", "p4.png", "gray.png", "total",
+        ]  # fmt: skip
+        assert lines[3].startswith(f"kmgpu: error: {tmp_path / 'cut.jpg'}")
+        kept = f"{tmp_path / 'p3.png'}: {out / 'p3.png'}: exists (use --overwrite to replace it)"
+        assert lines[5] == f"kmgpu: error: {kept}"
+        rows = [line.replace(str(out), "OUT").split()[:-1] for line in lines]  # less each row's milliseconds
+        outputs[workers] = ({p.name: p.read_bytes() for p in out.iterdir()}, rows)
+    assert outputs["3"] == outputs["0"]
+    written, _ = outputs["3"]
+    for name in ("p0.png", "p2.png", "gray.png"):
+        with Image.open(tmp_path / "out3" / name) as im:
+            original = Image.open(tmp_path / name)
+            assert im.size == original.size and im.mode == "P" and len(im.getcolors()) <= 16
+
+
+def test_a_compress_worker_killed_is_one_line(tmp_path, monkeypatch):
+    """The out-of-memory killer takes a compress worker: one line that says what to do, exit 1, no traceback;
+    the images printed before it are written."""
+    import kmgpu.cli
+
+    real = kmgpu.cli._compress_one
+
+    def killed_on_p2(src, dest, **options):  # runs in the forked worker
+        if src.name == "p2.png":
+            time.sleep(0.5)  # the queue's feeder thread sends p1's record first
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dest, **options)
+
+    monkeypatch.setattr(kmgpu.cli, "_compress_one", killed_on_p2)
+    for i in range(4):
+        photo((40 + i, 30)).save(tmp_path / f"p{i}.png")
+    inputs = [str(tmp_path / f"p{i}.png") for i in range(4)]
+    result = runner.invoke(app, ["compress", *inputs, "--out-dir", str(tmp_path / "o"), "-k", "8", "--workers", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["image", "p0.png", "p1.png"]
+    assert lines[3].startswith("kmgpu: error: DataLoader worker (pid") and len(lines) == 4
+    assert lines[3].endswith("fewer --workers, a lower --max-pixels take less; the images printed above are written")
+    for name in ("p0.png", "p1.png"):
+        assert (tmp_path / "o" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_existing_output_needs_overwrite(tmp_path):
