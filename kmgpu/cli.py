@@ -186,8 +186,8 @@ def compress(
     workers: Annotated[
         int,
         typer.Option(
-            help="Processes compressing images side by side on the CPU, one image each; 0 inline; "
-            "-1: cores + 1 (8 at most), one per image at most.",
+            help="Processes compressing several images side by side on the CPU, one image each; 0 inline; "
+            "-1: cores + 1 (8 at most).",
             min=-1,
         ),
     ] = -1,
@@ -214,12 +214,12 @@ def compress(
         _compress_one, k=k, seed=seed, device=dev, dither=dither, max_pixels=max_pixels, level=level,
         overwrite=overwrite, fit_options=_fit_options(refine_iter, starts),
     )  # fmt: skip
-    if dev.type != "cpu":
-        workers = 0  # the device fits; forked children could not use CUDA
+    if dev.type != "cpu" or len(inputs) == 1:
+        workers = 0  # forked children could not use CUDA; one image gains nothing from a fork
     elif workers < 0:
         from .threads import available_cores
 
-        workers = min(available_cores() + 1, 8) if len(inputs) > 1 else 0
+        workers = min(available_cores() + 1, 8)
     workers = min(workers, len(inputs))
     failed, records = 0, []
     try:
