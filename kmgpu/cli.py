@@ -263,6 +263,8 @@ def _compress_one(src: Path, dest: Path, *, k, seed, device, dither, max_pixels,
         ms = 1e3 * (time.perf_counter() - t0)
     except (ImageReadError, ValueError, OSError) as err:
         return None, (), _one_line(err, src)
+    except MemoryError:
+        return None, (), f"{src}: out of memory (a lower --max-pixels refuses such images, fewer --workers take less)"
     return ImageRecord.of(result, str(dest), n_out, ms), tuple(result.source.notes), None
 
 

@@ -1,4 +1,5 @@
 import csv
+import importlib
 import os
 import shutil
 import signal
@@ -184,6 +185,26 @@ def test_a_compress_worker_killed_is_one_line(tmp_path, monkeypatch):
     assert lines[3].endswith("fewer --workers, a lower --max-pixels take less; the images printed above are written")
     for name in ("p0.png", "p1.png"):
         assert (tmp_path / "o" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_image_too_large_for_memory_is_one_line_and_the_rest_is_done(tmp_path, monkeypatch, workers):
+    module = importlib.import_module("kmgpu.quantize")  # kmgpu.quantize is the function kmgpu exports
+    real = module.quantize
+
+    def short_of_memory_on_big(src, *args, **options):
+        if src.name == "big.png":
+            raise MemoryError
+        return real(src, *args, **options)
+
+    monkeypatch.setattr(module, "quantize", short_of_memory_on_big)
+    for name in ("a.png", "big.png", "c.png"):
+        photo().save(tmp_path / name)
+    inputs = [str(tmp_path / n) for n in ("a.png", "big.png", "c.png")]
+    result = runner.invoke(app, ["compress", *inputs, "--out-dir", str(tmp_path / "o"), "--workers", workers])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"kmgpu: error: {tmp_path / 'big.png'}: out of memory (a lower --max-pixels" in result.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", "c.png"]
 
 
 def test_existing_output_needs_overwrite(tmp_path):
