@@ -469,6 +469,7 @@ def run_command(
             writers=writers, dither=dither, seed=seed, level=level, max_pixels=max_pixels,
             refine_iter=refine_iter, starts=starts,
         )  # fmt: skip
+        _bars_drawn_here()
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)
     except (ConfigError, DeviceError, RunError) as err:
         _fail(str(err))
@@ -636,6 +637,7 @@ def bench(
     if json_path is not None:
         _check(_folder_error(json_path.parent, f"--json {json_path}"))
     _load_kernels()  # a first run's compiling is not the CPU's speed
+    _bars_drawn_here()
     result = run_bench(devices, ks, images=images, quick=quick, progress=progress)
     typer.echo(format_report(result))
     if json_path is not None:
@@ -657,6 +659,18 @@ def _paths_print_as_named() -> None:
             stream.reconfigure(errors="surrogateescape" if utf8 else "replace")
         except (AttributeError, LookupError, TypeError, ValueError):  # not a TextIOWrapper: leave it be
             pass
+
+
+def _bars_drawn_here() -> None:
+    """Give tqdm a thread lock: only this process draws progress bars. Its own is a multiprocessing lock,
+    which under a start method other than fork (forkserver is Python 3.14's default) registers a
+    semaphore that the command, ending in os._exit, never frees, and Python warned at every exit of
+    "leaked semaphore objects"."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def console() -> None:

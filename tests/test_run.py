@@ -479,6 +479,63 @@ def test_no_progress_bar_when_there_is_nothing_to_do(tmp_path):
         assert "img" not in result.stderr and "0/0" not in result.stderr, result.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers are Linux's")
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_are_forked_whatever_the_default_start_method(tmp_path, monkeypatch, method):
+    """Python 3.14 starts processes by forkserver by default: kmgpu's workers are still forked, so they share
+    the loaded torch and kernels (and a worker function patched here, which a fresh process would not see)."""
+    import multiprocessing
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(3):
+        photo((40 + i, 30)).save(src / f"p{i}.png")
+    real = kmgpu.pipeline.quantize_in_worker
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def marked(sample, config):
+        (seen / str(os.getpid())).touch()
+        return real(sample, config)
+
+    monkeypatch.setattr(kmgpu.pipeline, "quantize_in_worker", marked)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(method, force=True)
+    try:
+        result = run_cli(src, "--out", tmp_path / "o", "--k", "8", "--workers", "2")
+        compressed = runner.invoke(app, ["compress", *map(str, sorted(src.iterdir())), "--out-dir",
+                                         str(tmp_path / "c"), "-k", "8", "--workers", "2"])  # fmt: skip
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in records(tmp_path / "o")] == ["ok"] * 3
+    assert len(list(seen.iterdir())) >= 1 and str(os.getpid()) not in os.listdir(seen)
+    assert compressed.exit_code == 0, compressed.output
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["p0.png", "p1.png", "p2.png"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers are Linux's")
+def test_a_run_under_forkserver_ends_without_warnings(tmp_path):
+    """The kmgpu command, with forkserver as Python's default start method (3.14's): exit 0, and nothing on
+    stderr but the progress bar; tqdm's lock once left Python warning of a leaked semaphore at exit."""
+    script = (
+        "import multiprocessing, sys\n"
+        "if __name__ == '__main__':\n"
+        "    multiprocessing.set_start_method('forkserver', force=True)\n"
+        "    sys.argv = ['kmgpu', *sys.argv[1:]]\n"
+        "    from kmgpu.cli import console\n"
+        "    console()\n"
+    )
+    out = tmp_path / "o"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "run", str(SAMPLES), "--out", str(out), "--k", "8", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and "4 done, 0 failed" in done.stdout
+    assert sorted(r["status"] for r in records(out)) == ["ok"] * 4
+
+
 def test_a_worker_killed_mid_run_is_one_line_and_the_run_resumes(tmp_path, monkeypatch):
     """The kernel's out-of-memory killer takes a DataLoader worker: one line that says what to do, exit 1,
     the images done kept; the same command then finishes the run as an uninterrupted one."""
