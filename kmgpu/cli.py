@@ -196,7 +196,7 @@ def compress(
 
     Without -o or --out-dir, each output goes beside its input as STEM-kK.png.
     """
-    from .pipeline import WorkerDied, in_workers
+    from .pipeline import WorkerDied, map_in_workers
     from .report import Table
 
     _check(palette_size_error(k))
@@ -223,7 +223,7 @@ def compress(
     workers = min(workers, len(inputs))
     failed, records = 0, []
     try:
-        for src, (rec, notes, error) in zip(inputs, in_workers(work, list(zip(inputs, targets)), workers)):
+        for src, (rec, notes, error) in zip(inputs, map_in_workers(work, list(zip(inputs, targets)), workers)):
             if error is not None:
                 failed += 1
                 typer.echo(f"kmgpu: error: {error}", err=True)

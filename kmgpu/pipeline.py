@@ -67,7 +67,7 @@ __all__ = [
     "RunError",
     "RunResult",
     "WorkerDied",
-    "in_workers",
+    "map_in_workers",
     "run",
     "default_output",
     "summarize",
@@ -112,7 +112,7 @@ class _Calls(torch.utils.data.Dataset):
         return self.work(*self.jobs[i])
 
 
-def in_workers(work: Callable, jobs: list[tuple], workers: int) -> Iterator:
+def map_in_workers(work: Callable, jobs: list[tuple], workers: int) -> Iterator:
     """``work(*job)`` of each job, in order, computed in ``workers`` DataLoader worker processes (inline for 0).
 
     What ``kmgpu compress`` does with many images on the CPU: one image per
@@ -129,7 +129,7 @@ def in_workers(work: Callable, jobs: list[tuple], workers: int) -> Iterator:
 # The workers are forked on Linux whatever Python's default start method (forkserver from Python
 # 3.14 on): a forked worker shares the command's loaded torch and compiled kernels, where one started
 # afresh imports torch and loads the kernels again (the 4 samples took 6.0 s instead of 2.5 on 2
-# cores) and Python then warns of leaked semaphores at exit. Elsewhere (macOS: spawn) torch's default.
+# cores). Elsewhere (macOS: spawn) torch's default.
 _WORKER_START = "fork" if sys.platform.startswith("linux") else None
 
 
