@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .config import dither_error
+from .config import default_workers, dither_error
 from .imageio import DEFAULT_MAX_PIXELS
 from .png import DEFAULT_LEVEL, level_error, palette_size_error
 
@@ -217,9 +217,7 @@ def compress(
     if dev.type != "cpu" or len(inputs) == 1:
         workers = 0  # forked children could not use CUDA; one image gains nothing from a fork
     elif workers < 0:
-        from .threads import available_cores
-
-        workers = min(available_cores() + 1, 8)
+        workers = default_workers("cpu")
     workers = min(workers, len(inputs))
     failed, records = 0, []
     try:

@@ -22,7 +22,7 @@ from .imageio import DEFAULT_MAX_PIXELS
 from .png import DEFAULT_LEVEL, level_error, palette_size_error
 from .threads import available_cores
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "DITHER_MODES", "dither_error"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "DITHER_MODES", "default_workers", "dither_error"]
 
 DITHER_MODES = ("none", "fs")
 
@@ -30,6 +30,16 @@ DITHER_MODES = ("none", "fs")
 def dither_error(dither: str) -> str | None:
     """Why ``dither`` is not a dithering mode, or None when it is one."""
     return None if dither in DITHER_MODES else f"dither={dither!r} is not a dithering mode: use none or fs"
+
+
+def default_workers(device_type: str) -> int:
+    """The DataLoader workers of ``kmgpu run`` (and ``kmgpu compress``) on a device of this type, by default."""
+    cores = available_cores()
+    # On the CPU each worker fits and encodes whole images on one thread; one more worker
+    # than cores fills the moments a worker waits (for the main process's writes, for a
+    # pipe): on 2 cores, 3 workers ran the bench_run folder 1.15-1.2x faster than 2, and 4
+    # no faster than 3.
+    return min(cores + 1, 8) if device_type == "cpu" else min(cores, 4)
 
 
 _AUTO_OR_POSITIVE = "must be -1 (automatic) or 1 or more"
@@ -134,14 +144,7 @@ class RunConfig:
 
     def worker_count(self, device_type: str) -> int:
         """The number of DataLoader workers to start on a device of this type."""
-        if self.workers >= 0:
-            return self.workers
-        cores = available_cores()
-        # On the CPU each worker fits and encodes whole images on one thread; one more worker
-        # than cores fills the moments a worker waits (for the main process's writes, for a
-        # pipe): on 2 cores, 3 workers ran the bench_run folder 1.15-1.2x faster than 2, and 4
-        # no faster than 3.
-        return min(cores + 1, 8) if device_type == "cpu" else min(cores, 4)
+        return self.workers if self.workers >= 0 else default_workers(device_type)
 
     def writer_count(self, device_type: str) -> int:
         """The number of PNG writer threads on a device of this type."""
