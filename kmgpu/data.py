@@ -33,7 +33,13 @@ from .imageio import ImageReadError, LoadedImage, load_image
 
 __all__ = ["IMAGE_SUFFIXES", "Item", "Sample", "scan", "source_names", "item_key", "DoneSet", "DecodeDataset"]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+# What `kmgpu run` takes from a folder: the formats of photo folders and image datasets (the
+# Netpbm family of many classic ones among them) that Pillow reads with the codecs it ships.
+# AVIF needs a Pillow built with libavif; where it was not, each such file fails and says so.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".tif", ".tiff", ".bmp", ".gif"}
+    | {".pbm", ".pgm", ".ppm", ".pnm", ".tga", ".qoi"}
+)
 
 
 @dataclass(frozen=True)

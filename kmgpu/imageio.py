@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import pngread
@@ -252,11 +253,21 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     except PermissionError:
         raise ImageReadError(f"{p}: permission denied") from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{p}: not an image (no reader recognises its contents)") from None
+        raise ImageReadError(f"{p}: {_unidentified(p)}") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, MemoryError) as err:
         raise ImageReadError(f"{p}: corrupt or truncated image ({err})") from None
     loaded.path, loaded.bytes_in, loaded.mtime_ns = p, size, info.st_mtime_ns
     return loaded
+
+
+def _unidentified(p: Path) -> str:
+    """Why Pillow recognised no image in ``p``: an AVIF where this Pillow has no AVIF codec, or not an image."""
+    if p.suffix.lower() in (".avif", ".avifs"):
+        from PIL import features
+
+        if not features.check("avif"):
+            return f"AVIF, which this Pillow ({PIL.__version__}) cannot read: it was built without libavif"
+    return "not an image (no reader recognises its contents)"
 
 
 _fallback_umask: int | None = None

@@ -190,6 +190,26 @@ def test_bad_files_raise_one_clear_error(tmp_path, content, message):
     assert text.startswith(str(src)) and "\n" not in text
 
 
+def test_an_avif_this_pillow_cannot_read_says_why(tmp_path, monkeypatch):
+    """Pillow reads AVIF only where it was built with libavif: without it, the reason is that, not 'not an image'."""
+    from PIL import features
+
+    src = tmp_path / "photo.avif"
+    src.write_bytes(b"\x00\x00\x00\x1cftypavif" + bytes(64))  # an AVIF's first box, and nothing after
+    with pytest.raises(ImageReadError) as info:
+        load_image(src)
+    assert "libavif" not in str(info.value)  # this Pillow either reads AVIF or the file is no image
+    real_check = features.check
+    monkeypatch.setattr(features, "check", lambda name: False if name == "avif" else real_check(name))
+    with pytest.raises(ImageReadError, match="AVIF, which this Pillow .* built without libavif") as info:
+        load_image(src)
+    assert str(info.value).startswith(str(src)) and "\n" not in str(info.value)
+    other = tmp_path / "photo.jpg"
+    other.write_bytes(src.read_bytes())
+    with pytest.raises(ImageReadError, match="not an image"):
+        load_image(other)
+
+
 def test_a_pipe_is_refused_without_waiting_on_it(tmp_path):
     """Reading a named pipe would wait for a writer forever; it is refused, as is any file that is not regular."""
     if not hasattr(os, "mkfifo"):

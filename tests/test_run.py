@@ -94,6 +94,55 @@ def test_run_end_to_end(tmp_path):
     assert report.exit_code == 1 and "7 done, 3 failed" in report.output
 
 
+def test_dataset_and_modern_formats_are_walked_and_decode(tmp_path):
+    """Netpbm (many classic datasets), TGA, QOI, JPEG's other names and AVIF (where Pillow reads it) are
+    inputs of a folder too, each quantized from its own pixels; names Pillow does not read stay left alone."""
+    from PIL import features
+
+    src = tmp_path / "data"
+    src.mkdir()
+    base = photo((48, 40))
+    gray = base.convert("L")
+    files = {
+        "rgb.ppm": (base, "PPM"),
+        "gray.pgm": (gray, "PPM"),
+        "any.pnm": (base, "PPM"),
+        "bits.pbm": (base.convert("1"), "PPM"),
+        "deep.pgm": (Image.fromarray(np.asarray(gray).astype(np.uint16) * 257), "PPM"),
+        "t.tga": (base, "TGA"),
+        "q.qoi": (base, "QOI"),
+        "j.jfif": (base, "JPEG"),
+        "j.jpe": (base.rotate(90, expand=True), "JPEG"),
+    }
+    if features.check("avif"):
+        files["a.avif"] = (base, "AVIF")
+    for name, (im, fmt) in files.items():
+        im.save(src / name, format=fmt)
+    (src / "left.psd").write_bytes(b"8BPS not read")  # a suffix outside the list: not an input
+    result = run_cli(src, "--k", "16")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "data_kmgpu"
+    recs = {r["source"]: r for r in records(out)}
+    assert sorted(Path(s).name for s in recs) == sorted(files)
+    assert not (out / "left.png").exists()
+    for name in files:
+        with Image.open(src / name) as im:
+            # what a viewer shows of the source: 16-bit gray at 8 bits, the high byte
+            source = np.asarray(im.convert("RGB") if im.mode != "I" else im.point(lambda v: v / 257).convert("RGB"))
+        with Image.open(out / recs[str(src / name)]["output"]) as im:
+            assert im.mode == "P" and len(im.getcolors()) <= 16
+            got = np.asarray(im.convert("RGB"))
+        assert got.shape == source.shape, name
+        err = np.mean((got.astype(float) - source) ** 2)
+        psnr = float("inf") if err == 0 else 10 * np.log10(255**2 / err)
+        assert psnr > 28, (name, psnr)
+        recorded = recs[str(src / name)]["psnr"]
+        assert (recorded is None and psnr == float("inf")) or recorded == pytest.approx(psnr, abs=0.01), name
+    assert recs[str(src / "j.jfif")]["output"] == "j.jfif.png"  # two names of one stem both kept
+    with Image.open(out / "bits.png") as im:  # two colors: reproduced exactly
+        assert np.array_equal(np.asarray(im.convert("L")), np.asarray(base.convert("1").convert("L")))
+
+
 def test_outputs_larger_than_their_input_are_counted_and_named(tmp_path):
     """A small JPEG's palette PNG can outweigh it: the summary counts such images and names the worst."""
     src = tmp_path / "photos"
