@@ -35,7 +35,7 @@ def dither_error(dither: str) -> str | None:
 def default_workers(device_type: str) -> int:
     """The DataLoader workers of ``kmgpu run`` (and ``kmgpu compress``) on a device of this type, by default."""
     cores = available_cores()
-    # On the CPU each worker fits and encodes whole images on one thread; one more worker
+    # On the CPU each worker fits and encodes its images on one thread; one more worker
     # than cores fills the moments a worker waits (for the main process's writes, for a
     # pipe): on 2 cores, 3 workers ran the bench_run folder 1.15-1.2x faster than 2, and 4
     # no faster than 3.
@@ -67,9 +67,10 @@ class RunConfig:
         none or fs (Floyd-Steinberg).
     batch_size : int
         Images fitted together in one batched engine call, at most; -1
-        chooses: 16 on the CPU (where worker processes fit one image each
-        anyway), 64 on CUDA, where a batch's fixed cost (kernel launches, a
-        few host synchronisations per Lloyd step) is spread over more images.
+        chooses: 16 on the CPU (where each worker process fits its own
+        images in groups of at most this many and about 1 MP), 64 on CUDA,
+        where a batch's fixed cost (kernel launches, a few host
+        synchronisations per Lloyd step) is spread over more images.
     batch_pixels : int
         Pixels in one batch, at most (a larger single image goes alone).
     workers : int

@@ -322,7 +322,9 @@ class Sample:
 class DecodeDataset(IterableDataset):
     """Decodes the items still to do, in walk order, off the main process.
 
-    ``work``, when given, runs on each decoded sample in the worker too.
+    ``work``, when given, runs in the worker too, on its decoded samples a
+    group at a time: up to ``group_size`` in a row, fewer where they reach
+    ``group_pixels`` pixels first. It returns them, in the same order.
 
     With several workers, worker ``w`` of ``W`` takes the items ``i`` with
     ``i % W == w``: the DataLoader hands the results back in the walk's
@@ -338,9 +340,13 @@ class DecodeDataset(IterableDataset):
         max_pixels: int,
         prefix_sources: bool = False,
         shard: np.ndarray | None = None,
-        work: Callable[[Sample], Sample] | None = None,
+        work: Callable[[list[Sample]], list[Sample]] | None = None,
+        group_size: int = 1,
+        group_pixels: int = 0,
     ):
         self.work = work
+        self.group_size = group_size
+        self.group_pixels = group_pixels
         self.sources = sources
         self.done = done
         self.max_pixels = max_pixels
@@ -360,10 +366,23 @@ class DecodeDataset(IterableDataset):
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        group: list[Sample] = []
+        pixels = 0
         for i, item in enumerate(self.todo()):
-            if i % workers == worker:
-                sample = self.decode(item)
-                yield sample if self.work is None else self.work(sample)
+            if i % workers != worker:
+                continue
+            sample = self.decode(item)
+            if self.work is None:
+                yield sample
+                continue
+            group.append(sample)
+            if sample.image is not None:
+                pixels += sample.image.width * sample.image.height
+            if len(group) >= self.group_size or pixels >= self.group_pixels:
+                yield from self.work(group)
+                group, pixels = [], 0
+        if group:
+            yield from self.work(group)
 
     def decode(self, item: Item) -> Sample:
         t0 = time.perf_counter()

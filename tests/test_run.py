@@ -213,6 +213,61 @@ def test_batching_and_workers_do_not_change_a_byte(tmp_path):
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "many" / rel).read_bytes()
 
 
+def test_workers_fit_their_images_in_groups_capped_by_count_and_pixels(tmp_path, monkeypatch):
+    """On the CPU each worker fits its images a group at a time, up to --batch-size of them or until they hold
+    the group's pixel cap (a photo over it goes alone, or with what waited before it); the files and records
+    are those of one image at a time."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(9):
+        photo((40, 30 + i)).save(src / f"s{i}.png")  # about 1,300 pixels each
+    photo((120, 90)).save(src / "s4big.png")  # 10,800 pixels, over the cap: between s4 and s5 in walk order
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    real = kmgpu.pipeline._fit
+
+    def logged(samples, config, device, clock):  # in the forked worker
+        (calls / f"{os.getpid()}-{time.perf_counter_ns()}").write_text(" ".join(s.item.rel for s in samples))
+        return real(samples, config, device, clock)
+
+    monkeypatch.setattr(kmgpu.pipeline, "_fit", logged)
+    monkeypatch.setattr(kmgpu.pipeline, "_WORKER_GROUP_PIXELS", 4000)
+    grouped = run_cli(src, "--out", tmp_path / "g", "--k", "8", "--workers", "1", "--batch-size", "4")
+    assert grouped.exit_code == 0, grouped.output
+    groups = [p.read_text().split() for p in sorted(calls.iterdir(), key=lambda p: int(p.name.split("-")[1]))]
+    # in walk order; a group ends at 4 images or once it holds 4,000 pixels (the image that crosses included)
+    assert groups == [["s0.png", "s1.png", "s2.png", "s3.png"], ["s4.png", "s4big.png"],
+                      ["s5.png", "s6.png", "s7.png"], ["s8.png"]]  # fmt: skip
+    monkeypatch.setattr(kmgpu.pipeline, "_fit", real)
+    alone = run_cli(src, "--out", tmp_path / "a", "--k", "8", "--workers", "0", "--batch-size", "1")
+    assert alone.exit_code == 0
+    assert comparable(tmp_path / "g") == comparable(tmp_path / "a")
+    for p in (tmp_path / "a").glob("*.png"):
+        assert p.read_bytes() == (tmp_path / "g" / p.name).read_bytes()
+
+
+def test_a_group_whose_fit_fails_is_fitted_again_image_by_image(tmp_path, monkeypatch):
+    """One image that breaks the batched fit fails alone: the others of its worker's group are done."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(5):
+        photo((40 + i, 30)).save(src / f"p{i}.png")
+    real = kmgpu.pipeline._fit
+
+    def fails_on_p2(samples, config, device, clock):  # in the forked worker
+        if any(s.item.rel == "p2.png" for s in samples):
+            raise RuntimeError("no fit for p2")
+        return real(samples, config, device, clock)
+
+    monkeypatch.setattr(kmgpu.pipeline, "_fit", fails_on_p2)
+    result = run_cli(src, "--out", tmp_path / "o", "--k", "8", "--workers", "1", "--batch-size", "16")
+    assert result.exit_code == 1 and result.output.count("kmgpu: error:") == 1
+    status = {r["output"]: (r["status"], r["error"]) for r in records(tmp_path / "o")}
+    assert status["p2.png"] == ("error", f"{src / 'p2.png'}: the fit failed (no fit for p2)")
+    assert all(status[f"p{i}.png"] == ("ok", None) for i in (0, 1, 3, 4))
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["p0.png", "p1.png", "p3.png", "p4.png"]
+
+
 def comparable(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "ms"} for r in records(out)]
 
@@ -543,9 +598,9 @@ def test_workers_are_forked_whatever_the_default_start_method(tmp_path, monkeypa
     seen = tmp_path / "seen"
     seen.mkdir()
 
-    def marked(sample, config):
+    def marked(samples, config):
         (seen / str(os.getpid())).touch()
-        return real(sample, config)
+        return real(samples, config)
 
     monkeypatch.setattr(kmgpu.pipeline, "quantize_in_worker", marked)
     before = multiprocessing.get_start_method(allow_none=True)
@@ -594,28 +649,28 @@ def test_a_worker_killed_mid_run_is_one_line_and_the_run_resumes(tmp_path, monke
         photo((40 + i, 30)).save(src / f"p{i}.png")
     real = kmgpu.pipeline.quantize_in_worker
 
-    def killed_on_p3(sample, config):  # runs in the forked worker
-        if sample.item.rel == "p3.png":
+    def killed_on_p3(samples, config):  # runs in the forked worker, on groups of two (--batch-size 2)
+        if any(sample.item.rel == "p3.png" for sample in samples):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(sample, config)
+        return real(samples, config)
 
     monkeypatch.setattr(kmgpu.pipeline, "quantize_in_worker", killed_on_p3)
     out = tmp_path / "o"
-    died = run_cli(src, "--out", out, "--k", "8", "--workers", "1")
+    died = run_cli(src, "--out", out, "--k", "8", "--workers", "1", "--batch-size", "2")
     assert died.exit_code == 1 and "Traceback" not in died.output
     (line,) = died.output.splitlines()
     assert line.startswith("kmgpu: error: DataLoader worker (pid")
     assert line.endswith("fewer --workers, a smaller --batch-pixels or a lower --max-pixels take less; "
                          "the images done so far are kept, the same command resumes")  # fmt: skip
     kept = records(out)
-    assert [r["output"] for r in kept] == ["p0.png", "p1.png", "p2.png"]
+    assert [r["output"] for r in kept] == ["p0.png", "p1.png"]  # p2 went with p3
     monkeypatch.setattr(kmgpu.pipeline, "quantize_in_worker", real)
-    resumed = run_cli(src, "--out", out, "--k", "8", "--workers", "1")
-    assert resumed.exit_code == 0 and "3 skipped" in resumed.output
-    assert run_cli(src, "--out", tmp_path / "whole", "--k", "8", "--workers", "1").exit_code == 0
+    resumed = run_cli(src, "--out", out, "--k", "8", "--workers", "1", "--batch-size", "2")
+    assert resumed.exit_code == 0 and "2 skipped" in resumed.output
+    assert run_cli(src, "--out", tmp_path / "whole", "--k", "8", "--workers", "1", "--batch-size", "2").exit_code == 0
     assert comparable(out) == comparable(tmp_path / "whole")
 
-    def a_bug(sample, config):
+    def a_bug(samples, config):
         raise RuntimeError("a bug in the worker's code")
 
     monkeypatch.setattr(kmgpu.pipeline, "quantize_in_worker", a_bug)
