@@ -52,6 +52,35 @@ def test_full_search_is_exact_on_integers(d):
     assert not bool((labels == 5).any())
 
 
+@pytest.mark.parametrize("d", [1, 3, 4])
+def test_search_geometry_is_each_centers_nearest_other_exactly(d):
+    """What the bounds rest on: each center's squared distance to its nearest other one (the pair's float64
+    sum, as float32) and the two largest moves, for problems padded to the batch's k, with duplicate
+    centers and a problem of one center."""
+    rng = np.random.default_rng(d)
+    B, k_max = 4, 64
+    c = (rng.random((B, k_max, d)) * 255).astype(np.float32)
+    c[0, 5] = c[0, 9]  # two centers on one color: nearest other at 0
+    c[1] = np.round(c[1])  # integers: many ties
+    kb = np.array([64, 64, 17, 1], dtype=np.int64)
+    prev = c + rng.normal(0, 2, c.shape).astype(np.float32)
+    ct, nn_sq, d_max, d_arg, d_second = cpu_kernels._search_buffers(B, k_max, d)
+    active = np.ones(B, dtype=np.bool_)
+    cpu_kernels._prepare_search(c, prev, ct, kb, active, nn_sq, d_max, d_arg, d_second)
+    for b in range(B):
+        k = kb[b]
+        assert np.array_equal(ct[b][:, :k], c[b, :k].T)
+        pairs = ((c[b, :k, None, :].astype(np.float64) - c[b, None, :k, :]) ** 2).sum(-1)
+        np.fill_diagonal(pairs, np.inf)
+        want = pairs.min(1).astype(np.float32) if k > 1 else np.full(1, cpu_kernels._BIG)
+        assert np.array_equal(nn_sq[b, :k], want), b
+        moves = np.sqrt(((c[b, :k].astype(np.float64) - prev[b, :k]) ** 2).sum(-1))
+        order = np.argsort(-moves, kind="stable")
+        assert d_arg[b] == order[0] and d_max[b] == np.float32(moves[order[0]])
+        assert d_second[b] == np.float32(moves[order[1]] if k > 1 else 0.0)
+    assert nn_sq[0, 5] == nn_sq[0, 9] == 0.0
+
+
 @pytest.mark.parametrize("k", [40, 70])
 def test_runner_up_bound_is_the_second_distance(k):
     g = torch.Generator().manual_seed(0)
