@@ -487,8 +487,8 @@ def _encode_and_write(
 
 # A worker fits its images in groups of at most this many pixels (and --batch-size images): the
 # batched call shares its fixed costs, which dominate small images (1,920 crops of 32 to 64 px:
-# 3.8 ms an image one by one, 2.7 in groups of 16), while a photo, alone over the cap, is fitted
-# by itself as before.
+# 3.8 ms an image one by one, 2.7 in groups of 16), while a photo, over the cap, ends its group
+# and is fitted by itself within the call (quantize's size groups), as before.
 _WORKER_GROUP_PIXELS = 1 << 20
 
 
