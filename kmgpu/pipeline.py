@@ -481,7 +481,7 @@ def _encode_and_write(
     try:
         data, record = _encode(result, item, level, ms_before, clock)
     except (ValueError, RuntimeError, MemoryError) as err:
-        return _error_record(item, f"{item.path}: cannot encode: {err}", ms_before, result.k)
+        return _error_record(item, _encode_failed(item, err), ms_before, result.k)
     return _write(out, item, data, record, clock)
 
 
@@ -519,7 +519,7 @@ def quantize_in_worker(samples: list[Sample], config: RunConfig) -> list[Sample]
         try:
             sample.encoded = _encode(result, sample.item, config.level, sample.decode_ms + share, clock)
         except (RuntimeError, ValueError, MemoryError) as err:
-            sample.error = f"{sample.item.path}: cannot encode: {err}"
+            sample.error = _encode_failed(sample.item, err)
     for sample in good:
         sample.image = None  # the pixels need not travel back
     samples[0].stages = clock.seconds
@@ -848,6 +848,10 @@ def _flush(
 
 def _fit_failed(item: Item, err: Exception) -> str:
     return f"{item.path}: the fit failed ({' '.join(str(err).split())[:300]})"
+
+
+def _encode_failed(item: Item, err: Exception) -> str:
+    return f"{item.path}: cannot encode: {err}"
 
 
 def _fit(samples: list[Sample], config: RunConfig, device, clock: StageClock) -> list[QuantizedImage]:
