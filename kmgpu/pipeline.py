@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch.utils.data import DataLoader
@@ -304,19 +305,18 @@ def _prepare_output(
     if not manifest.exists():
         return DoneSet()
     # Keep the lines of the images that are done (recorded ok, output present), once each (the
-    # first), in walk order; streamed, so memory does not grow with the number of images.
+    # last), in walk order; streamed, so memory does not grow with the number of images.
+    moved: list[str] = []
     with atomic_file(manifest, text=True) as f:
 
         def kept() -> Iterator[dict]:
-            at_last = None
-            for record in sorted_records(manifest, _order_key):
-                at = _order_key(record)
-                if at != at_last and _is_done(out, record):
-                    at_last = at
-                    f.write(json.dumps(record) + "\n")
-                    yield record
+            for record in _latest(sorted_records(manifest, _order_key), lambda r: _is_done(out, r), moved):
+                f.write(json.dumps(record) + "\n")
+                yield record
 
-        return _done_set(kept())
+        done = _done_set(kept())
+    _remove_moved(out, moved)
+    return done
 
 
 def _done_set(records: Iterator[dict]) -> DoneSet:
@@ -352,6 +352,59 @@ def _fold_rank_parts(out: Path) -> None:
         part.unlink()
 
 
+def _latest(records: Iterator[dict], keep: Callable[[dict], bool], moved: list[str]) -> Iterator[dict]:
+    """Each image's last record that ``keep`` takes, from ``records`` sorted by :func:`_order_key`.
+
+    Where that record is ok and an earlier ok one of the same image names
+    another output, the image's output has moved: a new input beside it
+    clashed with its name (``b.png``, alone, wrote ``b.png``; beside a new
+    ``b.jpg`` it writes ``b.png.png``). The earlier output's path goes to
+    ``moved``, for :func:`_remove_moved`.
+    """
+    group: list[dict] = []
+    at = None
+    for record in itertools.chain(records, (None,)):
+        key = None if record is None else _order_key(record)
+        if group and (record is None or key != at):
+            taken = [r for r in group if keep(r)]
+            if taken:
+                last = taken[-1]
+                if last.get("status") == "ok":
+                    moved.extend(
+                        r["output"] for r in group if r.get("status") == "ok" and r.get("output") != last.get("output")
+                    )
+                yield last
+            group = []
+        if record is not None:
+            at = key
+            group.append(record)
+
+
+def _remove_moved(out: Path, moved: list[str]) -> None:
+    """Delete the outputs in ``moved`` (see :func:`_latest`) that no record of the manifest names.
+
+    Each is a file this folder's own manifest recorded as an output, left by
+    the image's earlier name; one that a record names (the numbered names of
+    another clash can take it) stays.
+    """
+    left = {rel for rel in moved if _own_output(rel)}
+    if not left:
+        return
+    for record in read_manifest(out / MANIFEST):
+        left.discard(record.get("output"))
+    for rel in sorted(left):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: it stays
+            (out / rel).unlink()
+
+
+def _own_output(rel: object) -> bool:
+    """Whether ``rel``, a manifest's output field, is a palette PNG's path inside the output folder."""
+    if not isinstance(rel, str) or not rel.endswith(".png"):
+        return False
+    parts = PurePosixPath(rel).parts
+    return bool(parts) and not PurePosixPath(rel).is_absolute() and ".." not in parts
+
+
 def _is_done(out: Path, record: dict) -> bool:
     """An image is done when its record says ok and its output is there."""
     return record.get("status") == "ok" and (out / record["output"]).is_file()
@@ -367,19 +420,16 @@ def _finalize_manifest(manifest: Path) -> None:
 
     An uninterrupted run already appends in order, and is checked in one
     streaming pass; a resumed run is sorted (in runs on disk, when long: see
-    :func:`kmgpu.records.sorted_records`), each image's last record kept.
+    :func:`kmgpu.records.sorted_records`), each image's last record kept;
+    where an image's output moved to a new name, the old file goes (:func:`_latest`).
     """
     if in_order(manifest, _order_key, strict=True):
         return
+    moved: list[str] = []
     with atomic_file(manifest, text=True) as f:
-        pending, at = None, None
-        for record in sorted_records(manifest, _order_key):
-            key = _order_key(record)
-            if pending is not None and key != at:
-                f.write(json.dumps(pending) + "\n")
-            pending, at = record, key
-        if pending is not None:
-            f.write(json.dumps(pending) + "\n")
+        for record in _latest(sorted_records(manifest, _order_key), lambda r: True, moved):
+            f.write(json.dumps(record) + "\n")
+    _remove_moved(manifest.parent, moved)
 
 
 def _versions(device: torch.device) -> dict:

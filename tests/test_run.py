@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import kmgpu.imageio
+import kmgpu.pipeline
 import kmgpu.records
 from kmgpu.cli import app
 from kmgpu.pipeline import MANIFEST, SUMMARY, read_manifest
@@ -475,6 +476,75 @@ def test_inputs_changed_since_they_were_done_are_done_again(tmp_path):
     assert json.loads((out / SUMMARY).read_text())["images_skipped"] == 3
     (src / "p0.png").write_bytes((src / "p0.png").read_bytes() + b"\0" * 7)  # 7 more bytes: another file
     assert "1 input(s) changed" in run_cli(src, "--out", out, "--k", "8").output
+
+
+def pngs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def test_an_output_renamed_by_a_new_input_moves_and_leaves_no_stale_file(tmp_path):
+    """``p.png`` alone writes ``p.png``; a ``p.jpg`` added beside it renames both outputs (``p.png.png``,
+    ``p.jpg.png``). The resume ends as a fresh run over the new folder: the old ``p.png`` does not stay
+    behind as a file no record names, also when the run that renamed it was killed before its end."""
+    src, out, fresh = tmp_path / "photos", tmp_path / "o", tmp_path / "fresh"
+    src.mkdir()
+    photo((64, 48)).save(src / "p.png")
+    photo((40, 30)).rotate(90).save(src / "q.png")
+    assert run_cli(src, "--out", out, "--k", "8").exit_code == 0
+    assert set(pngs(out)) == {"p.png", "q.png"}
+    first_lines = (out / MANIFEST).read_text()
+    old_p = (out / "p.png").read_bytes()
+
+    photo((50, 40)).save(src / "p.jpg", quality=90)
+    again = run_cli(src, "--out", out, "--k", "8")
+    assert again.exit_code == 0, again.output
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["images_skipped"] == 1 and summary["images_processed"] == 2  # q kept; p.png moved, p.jpg new
+    assert run_cli(src, "--out", fresh, "--k", "8").exit_code == 0
+    assert set(pngs(out)) == {"p.jpg.png", "p.png.png", "q.png"}
+    assert pngs(out) == pngs(fresh) and comparable(out) == comparable(fresh)
+    for rel in pngs(out):
+        with Image.open(out / rel) as im:
+            im.load()
+            assert im.mode == "P"
+
+    # Killed after the renamed image's record, before the manifest was put in order: the old line and
+    # file are both still there. The next resume takes the newer record, redoes nothing, removes the file.
+    (out / MANIFEST).write_text(first_lines + (out / MANIFEST).read_text())
+    (out / "p.png").write_bytes(old_p)
+    last = run_cli(src, "--out", out, "--k", "8")
+    assert last.exit_code == 0, last.output
+    assert json.loads((out / SUMMARY).read_text())["images_skipped"] == 3
+    assert pngs(out) == pngs(fresh) and comparable(out) == comparable(fresh)
+
+
+def test_only_moved_outputs_that_no_record_names_are_removed(tmp_path):
+    """The manifest's put in order (``_finalize_manifest``) removes an image's earlier output when its last
+    record is ok under another name, and nothing else: not a name another image's record holds, not the
+    output of an image whose last try failed, not a path outside the folder or a file that is no PNG."""
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ["a.png", "a.png.png", "b.png", "b.png.png", "d.png", "e.txt"]:
+        (out / name).write_bytes(b"png")
+    (tmp_path / "outside.png").write_bytes(b"not ours")
+
+    def rec(name, output, status="ok"):
+        return {"src": 0, "input": name, "output": output, "status": status}
+
+    lines = [
+        rec("a.png", "a.png"), rec("b.png", "b.png"), rec("d.png", "d.png"), rec("e.png", "e.txt"),
+        rec("f.png", "../outside.png"),
+        rec("a.png", "a.png.png"), rec("b.png", "b.png.png"), rec("c.png", "b.png"),
+        rec("d.png", "d.png.png", "error"), rec("e.png", "e.png"), rec("f.png", "f.png"),
+    ]  # fmt: skip
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    kmgpu.pipeline._finalize_manifest(out / MANIFEST)
+    assert [(r["input"], r["output"]) for r in records(out)] == [
+        ("a.png", "a.png.png"), ("b.png", "b.png.png"), ("c.png", "b.png"), ("d.png", "d.png.png"),
+        ("e.png", "e.png"), ("f.png", "f.png"),
+    ]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["a.png.png", "b.png", "b.png.png", "d.png", "e.txt", MANIFEST]
+    assert (tmp_path / "outside.png").read_bytes() == b"not ours"
 
 
 def test_a_resumed_manifest_sorted_on_disk_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
