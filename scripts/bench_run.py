@@ -69,7 +69,8 @@ def describe_folder(folder: Path, png_copies: Path) -> tuple[int, float, list[Pa
             with Image.open(path) as im:
                 size = im.size
                 if path.suffix.lower() != ".png":
-                    dest = png_copies / path.relative_to(folder).with_suffix(".png")
+                    # NAME.png, not STEM.png: a.jpg and a.ppm of one folder keep copies of their own
+                    dest = png_copies / path.relative_to(folder).with_name(path.name + ".png")
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     im.convert("RGBA" if "A" in im.getbands() else "RGB").save(dest, compress_level=1)
                 else:

@@ -89,17 +89,20 @@ def test_bench_run_takes_a_folder_of_any_images_and_gives_pngquant_pngs(tmp_path
     rng = np.random.default_rng(0)
     jpeg = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
     jpeg.save(folder / "sub" / "a.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).save(folder / "sub" / "a.ppm")  # a's stem too
     Image.fromarray(rng.integers(0, 256, (10, 20, 4), dtype=np.uint8)).save(folder / "b.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("not looked at")
     count, mp, pngs = bench_run.describe_folder(folder, tmp_path / "png")
-    assert (count, mp) == (2, (30 * 40 + 10 * 20) / 1e6)
-    assert pngs == [folder / "b.png", tmp_path / "png" / "sub" / "a.png"]  # walk order; a PNG as it is
+    assert (count, mp) == (3, (30 * 40 + 6 * 8 + 10 * 20) / 1e6)
     copies = tmp_path / "png"
-    assert sorted(p.relative_to(copies).as_posix() for p in copies.rglob("*.png")) == ["sub/a.png"]
-    with Image.open(folder / "sub" / "a.jpg") as src, Image.open(pngs[1]) as copy:
-        assert np.array_equal(np.asarray(src.convert("RGB")), np.asarray(copy))
-    assert sorted(p.name for p in folder.rglob("*")) == ["a.jpg", "b.png", "broken.jpg", "notes.txt", "sub"]
+    # walk order; a PNG as it is, the others each as a copy of its own (a.jpg and a.ppm share a stem)
+    assert pngs == [folder / "b.png", copies / "sub" / "a.jpg.png", copies / "sub" / "a.ppm.png"]
+    assert sorted(p.relative_to(copies).as_posix() for p in copies.rglob("*.png")) == ["sub/a.jpg.png", "sub/a.ppm.png"]
+    for source, copy in zip([folder / "sub" / "a.jpg", folder / "sub" / "a.ppm"], pngs[1:]):
+        with Image.open(source) as src, Image.open(copy) as png:
+            assert np.array_equal(np.asarray(src.convert("RGB")), np.asarray(png))
+    assert sorted(p.name for p in folder.rglob("*")) == ["a.jpg", "a.ppm", "b.png", "broken.jpg", "notes.txt", "sub"]
     # A folder of PNGs is handed to pngquant as it is, an unreadable one left out as kmgpu fails it.
     only_png = tmp_path / "pngs"
     only_png.mkdir()
