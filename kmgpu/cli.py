@@ -451,8 +451,9 @@ def run_command(
 ) -> None:
     """Compress every image under SRC into a mirrored tree of palette PNGs, with a record of each.
 
-    Writes OUT/manifest.jsonl (one line per image) and OUT/summary.json. Exit code 0 when
-    every image is done, 1 when any failed (they are listed in the manifest), 2 on bad usage.
+    Writes OUT/manifest.jsonl (one line per image) and OUT/summary.json; the same command resumes.
+
+    Exit codes: 0 every image done, 1 some failed (listed in the manifest), 2 bad usage, 130 interrupted.
     """
     from .config import ConfigError, load_config
     from .device import DeviceError

@@ -70,6 +70,14 @@ def test_help_lists_commands():
         assert command in result.output
 
 
+def test_run_help_gives_every_exit_code():
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # as read, whatever the wrapping
+    codes = "0 every image done, 1 some failed (listed in the manifest), 2 bad usage, 130 interrupted."
+    assert f"Exit codes: {codes}" in text
+
+
 def test_run_on_the_samples_prints_each_image(tmp_path):
     """What scripts/demo runs: kmgpu run on the bundled photos, with --images."""
     out = tmp_path / "demo"
