@@ -7,6 +7,7 @@ stderr, and the others are still done); 2 bad usage (one line on stderr).
 from __future__ import annotations
 
 import codecs
+import collections
 import functools
 import math
 import os
@@ -280,8 +281,8 @@ def _output_paths(inputs: list[Path], k: int, output: Path | None, out_dir: Path
     if output is not None:
         paths = [output]
     elif out_dir is not None:
-        stems = [p.stem for p in inputs]
-        paths = [out_dir / (p.name + ".png" if stems.count(p.stem) > 1 else p.stem + ".png") for p in inputs]
+        stems = collections.Counter(p.stem for p in inputs)  # not list.count: 20,000 inputs took 7 s
+        paths = [out_dir / (p.name + ".png" if stems[p.stem] > 1 else p.stem + ".png") for p in inputs]
     else:
         paths = [p.with_name(f"{p.stem}-k{k}.png") for p in inputs]
     resolved_inputs = {p.resolve() for p in inputs}
