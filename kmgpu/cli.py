@@ -286,12 +286,12 @@ def _output_paths(inputs: list[Path], k: int, output: Path | None, out_dir: Path
     else:
         paths = [p.with_name(f"{p.stem}-k{k}.png") for p in inputs]
     resolved_inputs = {p.resolve() for p in inputs}
-    for dest in paths:
-        if dest.resolve() in resolved_inputs:
+    resolved = [dest.resolve() for dest in paths]
+    for dest, key in zip(paths, resolved):
+        if key in resolved_inputs:
             _fail(f"{dest}: the output would overwrite an input")
     first_of: dict[Path, Path] = {}
-    for src, dest in zip(inputs, paths):
-        key = dest.resolve()
+    for src, dest, key in zip(inputs, paths, resolved):
         if key in first_of:
             _fail(f"{first_of[key]} and {src} would both write {dest}: give them in separate commands or rename one")
         first_of[key] = src
