@@ -38,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -314,14 +315,21 @@ def _prepare_output(
                 f.write(json.dumps(record) + "\n")
                 yield record
 
-        done = _done_set(kept())
+        keys = array("q")
+        done = _done_set(kept(), keys)
+    if done.keys.size < len(keys) and _one_record_per_output(out, keys):  # an output named twice
+        done = _load_done(out)
     _remove_moved(out, moved)
     return done
 
 
-def _done_set(records: Iterator[dict]) -> DoneSet:
-    """The outputs of ``records`` (each done) and their sources' sizes and times, as a :class:`DoneSet`."""
-    keys, sizes, mtimes = array("q"), array("q"), array("q")
+def _done_set(records: Iterator[dict], keys: array | None = None) -> DoneSet:
+    """The outputs of ``records`` (each done) and their sources' sizes and times, as a :class:`DoneSet`.
+
+    ``keys``, when given, is left holding each record's output key, in the records' order.
+    """
+    keys = array("q") if keys is None else keys
+    sizes, mtimes = array("q"), array("q")
     for record in records:
         keys.append(item_key(record["output"]))
         sizes.append(_stamp(record, "bytes_in"))
@@ -397,6 +405,43 @@ def _remove_moved(out: Path, moved: list[str]) -> None:
             (out / rel).unlink()
 
 
+def _one_record_per_output(out: Path, keys: array) -> bool:
+    """Where ok records of several images name one output, keep the one that describes the file there.
+
+    ``keys`` holds the output key of each ok record of the manifest, one
+    record an image (its outputs are unique unless stated twice). Two images
+    share an output when one took the other's name on a later run: ``b.png``
+    wrote ``b.png``, was removed, and a new ``b.jpg`` wrote ``b.png`` over
+    it. The record whose ``bytes_out`` is the file's size stays, the others
+    go; where that does not tell them apart, all stay. Returns whether any
+    record went. Memory: the keys, and the records of shared outputs.
+    """
+    if len(keys) < 2:
+        return False
+    ordered = np.sort(np.frombuffer(keys, dtype=np.int64))
+    shared = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not shared:
+        return False
+    manifest = out / MANIFEST
+    naming: dict[str, list[dict]] = {}
+    for record in read_manifest(manifest):
+        if record.get("status") == "ok" and item_key(record["output"]) in shared:
+            naming.setdefault(record["output"], []).append(record)
+    stale = set()
+    for rel, named in naming.items():
+        size = _size(out / rel)
+        fits = [r for r in named if r.get("bytes_out") == size]
+        if len(fits) == 1:
+            stale.update(_order_key(r) for r in named if r is not fits[0])
+    if not stale:
+        return False
+    with atomic_file(manifest, text=True) as f:
+        for record in read_manifest(manifest):
+            if record.get("status") != "ok" or _order_key(record) not in stale:
+                f.write(json.dumps(record) + "\n")
+    return True
+
+
 def _own_output(rel: object) -> bool:
     """Whether ``rel``, a manifest's output field, is a palette PNG's path inside the output folder."""
     if not isinstance(rel, str) or not rel.endswith(".png"):
@@ -415,21 +460,29 @@ def _load_done(out: Path) -> DoneSet:
     return _done_set(r for r in read_manifest(out / MANIFEST) if _is_done(out, r))
 
 
-def _finalize_manifest(manifest: Path) -> None:
+def _finalize_manifest(manifest: Path, replaced: bool = False) -> None:
     """Leave one line per image, in walk order: what an uninterrupted run writes.
 
     An uninterrupted run already appends in order, and is checked in one
     streaming pass; a resumed run is sorted (in runs on disk, when long: see
     :func:`kmgpu.records.sorted_records`), each image's last record kept;
     where an image's output moved to a new name, the old file goes (:func:`_latest`).
+    ``replaced``: this run wrote over outputs recorded as done (their sources
+    changed, or an input of another name took theirs), so records of two
+    images may name one file (:func:`_one_record_per_output`).
     """
+    out, moved, keys = manifest.parent, [], array("q")
     if in_order(manifest, _order_key, strict=True):
-        return
-    moved: list[str] = []
-    with atomic_file(manifest, text=True) as f:
-        for record in _latest(sorted_records(manifest, _order_key), lambda r: True, moved):
-            f.write(json.dumps(record) + "\n")
-    _remove_moved(manifest.parent, moved)
+        if replaced:
+            keys.extend(item_key(r["output"]) for r in read_manifest(manifest) if r.get("status") == "ok")
+    else:
+        with atomic_file(manifest, text=True) as f:
+            for record in _latest(sorted_records(manifest, _order_key), lambda r: True, moved):
+                f.write(json.dumps(record) + "\n")
+                if replaced and record.get("status") == "ok":
+                    keys.append(item_key(record["output"]))
+    _one_record_per_output(out, keys)
+    _remove_moved(out, moved)
 
 
 def _versions(device: torch.device) -> dict:
@@ -826,7 +879,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     summary = None
     if ctx.is_main:
         _fold_rank_parts(out)
-        _finalize_manifest(out / MANIFEST)
+        _finalize_manifest(out / MANIFEST, replaced=changed > 0)
         totals = summarize(out / MANIFEST)
         slowest = max(r["seconds"] for r in ranks)
         processed = sum(r["images_processed"] for r in ranks)

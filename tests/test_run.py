@@ -518,6 +518,64 @@ def test_an_output_renamed_by_a_new_input_moves_and_leaves_no_stale_file(tmp_pat
     assert pngs(out) == pngs(fresh) and comparable(out) == comparable(fresh)
 
 
+@pytest.mark.parametrize("old, new", [("b.png", "b.jpg"), ("b.jpg", "b.png")])
+def test_an_input_that_takes_a_removed_inputs_output_leaves_one_record(tmp_path, old, new):
+    """``old`` wrote ``b.png`` and was removed; ``new``, of the same stem, writes ``b.png`` over it. The
+    manifest then holds ``new``'s record alone, as a fresh run's would: not a second one that counts a
+    file that is no longer there (either order in the walk: ``b.jpg`` sorts before ``b.png``). A run
+    killed before putting the manifest in order leaves both lines: the resume keeps the right one."""
+    src, out, fresh = tmp_path / "photos", tmp_path / "o", tmp_path / "fresh"
+    src.mkdir()
+    photo((64, 48)).save(src / "a.png")
+    photo((40, 30)).rotate(90).save(src / old)
+    assert run_cli(src, "--out", out, "--k", "8").exit_code == 0
+    first_lines = (out / MANIFEST).read_text()
+    (src / old).unlink()
+    photo((30, 20)).save(src / new)
+    again = run_cli(src, "--out", out, "--k", "8")
+    assert again.exit_code == 0, again.output
+    summary = json.loads((out / SUMMARY).read_text())
+    assert (summary["images_done"], summary["images_listed"], summary["images_processed"]) == (2, 2, 1)
+    assert [(r["input"], r["output"], r["width"]) for r in records(out)] == [("a.png", "a.png", 64), (new, "b.png", 30)]
+    assert summary["bytes_out"] == sum(len(data) for data in pngs(out).values())
+    assert run_cli(src, "--out", fresh, "--k", "8").exit_code == 0
+    assert pngs(out) == pngs(fresh) and comparable(out) == comparable(fresh)
+
+    # Killed after the new record, before the manifest was put in order.
+    (out / MANIFEST).write_text(first_lines + (out / MANIFEST).read_text().splitlines(keepends=True)[-1])
+    last = run_cli(src, "--out", out, "--k", "8")
+    assert last.exit_code == 0, last.output
+    assert json.loads((out / SUMMARY).read_text())["images_skipped"] == 2
+    assert pngs(out) == pngs(fresh) and comparable(out) == comparable(fresh)
+
+
+def test_of_images_sharing_an_output_the_record_of_the_file_there_stays(tmp_path):
+    """``_finalize_manifest(replaced=True)``: of the ok records of several images that name one output, the
+    one whose ``bytes_out`` is the file's size stays. Where sizes do not tell them apart, or the file is
+    gone, all stay; an error record is never taken for one; with ``replaced`` False nothing is looked at."""
+    out = tmp_path / "o"
+    out.mkdir()
+    for name, size in [("x.png", 5), ("y.png", 7), ("z.png", 3)]:
+        (out / name).write_bytes(b"p" * size)
+
+    def rec(name, output, size, status="ok"):
+        return {"src": 0, "input": name, "output": output, "status": status, "bytes_out": size}
+
+    lines = [
+        rec("x.jpg", "x.png", 5), rec("x.png", "x.png", 9),  # x.jpg's is the file there
+        rec("y.jpg", "y.png", 7), rec("y.png", "y.png", 7),  # a tie: both stay
+        rec("w.jpg", "w.png", 4), rec("w.png", "w.png", 6),  # no file: both stay
+        rec("z.jpg", "z.png", 3), rec("z.png", "z.png", None, "error"),
+    ]  # fmt: skip
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    (out / MANIFEST).write_text(text)
+    kmgpu.pipeline._finalize_manifest(out / MANIFEST)
+    assert len(records(out)) == 8
+    kmgpu.pipeline._finalize_manifest(out / MANIFEST, replaced=True)
+    assert [r["input"] for r in records(out)] == ["w.jpg", "w.png", "x.jpg", "y.jpg", "y.png", "z.jpg", "z.png"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "x.png", "y.png", "z.png"]
+
+
 def test_only_moved_outputs_that_no_record_names_are_removed(tmp_path):
     """The manifest's put in order (``_finalize_manifest``) removes an image's earlier output when its last
     record is ok under another name, and nothing else: not a name another image's record holds, not the
