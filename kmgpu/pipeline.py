@@ -446,8 +446,8 @@ def _own_output(rel: object) -> bool:
     """Whether ``rel``, a manifest's output field, is a palette PNG's path inside the output folder."""
     if not isinstance(rel, str) or not rel.endswith(".png"):
         return False
-    parts = PurePosixPath(rel).parts
-    return bool(parts) and not PurePosixPath(rel).is_absolute() and ".." not in parts
+    path = PurePosixPath(rel)
+    return bool(path.parts) and not path.is_absolute() and ".." not in path.parts
 
 
 def _is_done(out: Path, record: dict) -> bool:
