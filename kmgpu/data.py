@@ -15,10 +15,13 @@ a pipe too: reading it fails with a reason, recorded like any other failure.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import os
+import signal
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -400,9 +403,38 @@ def identity_collate(sample):
     return sample
 
 
-def torch_threads_for_workers(worker_id: int) -> None:
-    """One torch thread per worker: the workers share the cores (on the CPU each fits and encodes whole
+def init_worker(worker_id: int, parent: int | None = None) -> None:
+    """Set up a DataLoader worker of the process ``parent`` (the one that made the loader).
+
+    One torch thread per worker: the workers share the cores (on the CPU each fits and encodes whole
     images). They keep freed memory as the command does (``kmgpu.allocator``: a forked worker
-    inherits the setting, one started afresh needs it made)."""
+    inherits the setting, one started afresh needs it made). And each dies with its parent
+    (:func:`_die_with_parent`).
+    """
+    if parent is not None:
+        _die_with_parent(parent)
     torch.set_num_threads(1)
     keep_freed_memory()
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this process when ``parent``, its parent, ends, however it ends.
+
+    torch's workers watch their parent, but a worker whose results still fill the pipe when the
+    parent is killed (SIGKILL, the out-of-memory killer, a scheduler's SIGTERM) leaves its loop
+    and then waits forever for the thread that writes them, the pipe's reading end being its
+    own: an orphan that keeps its memory (seen after a killed `kmgpu run`; the test makes one).
+    A worker holds nothing to save (the main process writes every file), so SIGKILL.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no C library to ask: torch's watch is all there is
+        return
+    if os.getppid() != parent:  # the parent ended before the request was made
+        os.kill(os.getpid(), signal.SIGKILL)

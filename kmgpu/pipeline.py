@@ -51,9 +51,9 @@ from .data import (
     Item,
     Sample,
     identity_collate,
+    init_worker,
     item_key,
     scan,
-    torch_threads_for_workers,
 )
 from .device import resolve_device
 from .distributed import from_environment, pixel_shard
@@ -147,7 +147,7 @@ def _loaded(dataset: torch.utils.data.Dataset, workers: int, *, prefetch: int, *
             batch_size=None,
             num_workers=workers,
             collate_fn=identity_collate,
-            worker_init_fn=torch_threads_for_workers if workers else None,
+            worker_init_fn=functools.partial(init_worker, parent=os.getpid()) if workers else None,
             prefetch_factor=prefetch if workers else None,
             multiprocessing_context=_WORKER_START if workers else None,
         )

@@ -1061,6 +1061,51 @@ def test_names_that_are_not_utf8_or_near_the_length_limit(tmp_path):
     assert again.returncode == 0 and b"2 skipped" in again.stdout
 
 
+ORPHAN = """
+import os, signal, sys, time
+import multiprocessing
+from kmgpu.pipeline import map_in_workers
+
+def big(i):
+    return bytes(2_000_000)  # two fill a pipe: the workers' feeder threads wait to write the rest
+
+it = map_in_workers(big, [(i,) for i in range(20)], 2)
+next(it)
+time.sleep(1)
+print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped by whoever adopted it, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' end is asked of Linux")
+def test_workers_end_when_the_main_process_is_killed(tmp_path):
+    """A main process killed (SIGKILL, the OOM killer, a scheduler) while its workers' results wait in the
+    pipe: torch's own watch let such a worker wait forever on its pipe, an orphan holding its memory."""
+    said, errors = tmp_path / "pids", tmp_path / "stderr"
+    with said.open("w") as stdout, errors.open("w") as stderr:  # files: an orphan would hold a pipe open
+        code = subprocess.run([sys.executable, "-c", ORPHAN], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=stdout, stderr=stderr, timeout=120).returncode  # fmt: skip
+    assert code == -signal.SIGKILL, errors.read_text()[-2000:]
+    pids = [int(pid) for pid in said.read_text().split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 8  # more than torch's 5 s between looks at the parent
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"orphaned workers: {left}"
+
+
 def test_automatic_worker_count(monkeypatch):
     from kmgpu.config import RunConfig
 
