@@ -11,6 +11,7 @@ import collections
 import functools
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -457,21 +458,26 @@ def run_command(
     Exit codes: 0 every image done, 1 some failed (listed in the manifest), 2 bad usage, 130 interrupted.
     """
     from .config import ConfigError, load_config
-    from .device import DeviceError
+    from .device import DeviceError, check_device
     from .imageio import os_reason
-    from .pipeline import RunError, WorkerDied, run
+    from .pipeline import RunError, WorkerDied, check_sources, run
 
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch_under_torchrun(nproc)
     try:
         cfg = load_config(
             config, k=k, device=device, batch_size=batch_size, batch_pixels=batch_pixels, workers=workers,
             writers=writers, dither=dither, seed=seed, level=level, max_pixels=max_pixels,
             refine_iter=refine_iter, starts=starts,
         )  # fmt: skip
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            # What every rank would refuse alike is said once, here, before any process starts.
+            check_device(cfg.device)
+            check_sources(sources, out)
+            _relaunch_under_torchrun(nproc)
         _bars_drawn_here()
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)
     except (ConfigError, DeviceError, RunError) as err:
+        if getattr(err, "every_rank", False) and os.environ.get("RANK", "0") != "0":
+            raise typer.Exit(2) from None  # rank 0 says it for the job
         _fail(str(err))
     except WorkerDied as err:
         _fail(f"{err}; the images done so far are kept, the same command resumes", code=1)
@@ -494,7 +500,17 @@ def run_command(
 
 
 def _relaunch_under_torchrun(nproc: int) -> None:
-    """``kmgpu run ... --nproc N`` is ``torchrun --standalone --nproc_per_node=N -m kmgpu run ...``."""
+    """``kmgpu run ... --nproc N`` is ``torchrun --standalone --nproc_per_node=N -m kmgpu run ...``.
+
+    Exits with the code of the rank that ended first with an error (rank 0's
+    1 when images failed, 2 for bad usage, 130 when interrupted), as a single
+    ``kmgpu run`` would. The ranks say what went wrong themselves, so
+    torchrun's own notices are kept quiet (its OMP_NUM_THREADS banner, a line
+    per rank that failed); a rank killed by a signal gets one line here.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -506,10 +522,30 @@ def _relaunch_under_torchrun(nproc: int) -> None:
             skip = True
         elif not arg.startswith("--nproc="):
             args.append(arg)
+    # torchrun's modules set their loggers' levels as they load (all of them by now, with its main).
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "kmgpu", *args])
-    except ChildFailedError:
-        raise typer.Exit(1) from None
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode > 0:
+            raise _Said(failure.exitcode) from None
+        typer.echo(
+            f"kmgpu: error: rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}; "
+            "the images done so far are kept, the same command resumes",
+            err=True,
+        )
+        raise _Said(1) from None
+    except SignalException as err:  # torchrun has passed the signal on to the ranks, and they have ended
+        if err.sigval == signal.SIGINT:  # a Ctrl-C: each rank has said what it kept
+            raise _Said(130) from None
+        typer.echo(
+            f"kmgpu: error: stopped by {err.sigval.name}; the images done so far are kept, the same command resumes",
+            err=True,
+        )
+        raise _Said(128 + err.sigval.value) from None
     raise typer.Exit(0)
 
 

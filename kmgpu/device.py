@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["DeviceError", "resolve_device", "chunk_budget_bytes", "exact_float32_matmul"]
+__all__ = ["DeviceError", "resolve_device", "check_device", "chunk_budget_bytes", "exact_float32_matmul"]
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
@@ -46,6 +46,23 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         When the string is not a device name, or names a CUDA device that
         this machine does not have.
     """
+    kind, index = _parsed(spec)
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+
+
+def check_device(spec: str | torch.device | None) -> None:
+    """Raise the :class:`DeviceError` that :func:`resolve_device` would, without starting CUDA here.
+
+    For a launcher (``kmgpu run --nproc``), whose processes take the GPUs:
+    it learns whether they can, and holds no CUDA context of its own.
+    """
+    _parsed(spec)
+
+
+def _parsed(spec: str | torch.device | None) -> tuple[str, int | None]:
+    """``spec`` as (auto, cpu or cuda; the index or None), checked against this machine's GPUs."""
     if spec is None:
         spec = "auto"
     if isinstance(spec, torch.device):
@@ -55,12 +72,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
         raise DeviceError(f"device={spec!r} is not a device: use auto, cpu, cuda or cuda:N")
     kind, index = match.group(1), match.group(2)
-    if kind == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    if kind == "cpu":
-        return torch.device("cpu")
+    if kind != "cuda":
+        return kind, None
     if not torch.cuda.is_available():
         why = (
             "this torch build has no CUDA support"
@@ -68,13 +81,12 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
             else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
         )
         raise DeviceError(f"device={spec!r} was asked for, but {why}; use --device cpu or auto")
-    count = torch.cuda.device_count()
-    ordinal = torch.cuda.current_device() if index is None else int(index)
-    if ordinal >= count:
+    count = torch.cuda.device_count()  # from the driver: no CUDA context is made
+    if index is not None and int(index) >= count:
         raise DeviceError(
             f"device={spec!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
         )
-    return torch.device("cuda", ordinal)
+    return kind, None if index is None else int(index)
 
 
 def chunk_budget_bytes(device: torch.device) -> int:

@@ -72,6 +72,7 @@ __all__ = [
     "WorkerDied",
     "map_in_workers",
     "run",
+    "check_sources",
     "default_output",
     "summarize",
     "read_manifest",
@@ -83,7 +84,15 @@ OUTPUT_SETTINGS = ("k", "seed", "dither", "level", "refine_iter", "starts", "coa
 
 
 class RunError(ValueError):
-    """The run cannot start: bad sources, or an output folder it must not touch."""
+    """The run cannot start: bad sources, or an output folder it must not touch.
+
+    ``every_rank``: under torchrun, every rank raises this same error (the
+    ranks agreed on it), so rank 0 alone needs to say it.
+    """
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class WorkerDied(RuntimeError):
@@ -173,7 +182,14 @@ def default_output(sources: list[Path]) -> Path:
     return src.parent / f"{src.name if src.is_dir() else src.stem}_kmgpu"
 
 
-def _check_sources(sources: list[Path], out: Path) -> None:
+def check_sources(sources: list[Path], out: Path | None) -> Path:
+    """The output folder of a run of ``sources`` into ``out`` (None: the default beside the source).
+
+    Raises RunError where the run cannot start: a source missing, given twice or
+    inside another, or an output folder inside a source. Reads nothing but the
+    paths, so a launcher can check them before it starts any process.
+    """
+    out = out if out is not None else default_output(sources)
     for src in sources:
         if not src.exists():
             raise RunError(f"{src}: no such file or folder")
@@ -195,6 +211,7 @@ def _check_sources(sources: list[Path], out: Path) -> None:
             raise RunError(f"--out {out} is inside the source {src}: choose a folder outside it")
         if src_r.is_file() and out_r == src_r:
             raise RunError(f"--out {out} is the source file itself")
+    return out
 
 
 def _order_key(record: dict) -> tuple:
@@ -739,11 +756,10 @@ def run(
 def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progress, note, started, t_start, held):
     from tqdm import tqdm
 
-    out = out if out is not None else default_output(sources)
     # Rank 0 prepares the output folder; every rank learns whether it could.
     problem, done = None, DoneSet()
     try:
-        _check_sources(sources, out)
+        out = check_sources(sources, out)
         if ctx.is_main:
             done = _prepare_output(out, config, resume=resume, overwrite=overwrite, held=held)
     except RunError as err:
@@ -752,7 +768,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         problem = f"--out {out}: cannot be written: {os_reason(err)}"
     problems = [p for p in ctx.gather(problem) if p]
     if problems:
-        raise RunError(problems[0])
+        raise RunError(problems[0], every_rank=ctx.active)
     if not ctx.is_main:
         done = _load_done(out)
     several = len(sources) > 1

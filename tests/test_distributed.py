@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,15 +129,85 @@ def test_without_torchrun_nothing_changes(monkeypatch):
     assert from_environment() == Dist(3, 4, 1)
 
 
+def nproc(src: Path, out: Path, *more: str, env: dict = ENV, **popen) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "kmgpu", "run", str(src), "--out", str(out), *ARGS, *more, "--nproc", "2"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, **popen)
+
+
 def test_nproc_is_torchrun_in_short(tmp_path):
+    """The job's exit code is rank 0's (1: an image failed), and only kmgpu speaks: torchrun's notices (its
+    OMP_NUM_THREADS banner, a line for the rank that exited 1) would bury the failure's own line."""
     src = tmp_path / "photos"
     make_photos(src, count=6)
-    (src / "d1" / "broken.png").unlink()
-    cmd = [sys.executable, "-m", "kmgpu", "run", str(src), "--out", str(tmp_path / "o"), *ARGS, "--nproc", "2"]
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = nproc(src, tmp_path / "o")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [f"kmgpu: error: {src / 'd1' / 'broken.png'}: not an image "
+                                        "(no reader recognises its contents)"]  # fmt: skip
     summary = json.loads((tmp_path / "o" / SUMMARY).read_text())
-    assert summary["processes"] == 2 and summary["images_done"] == 6
+    assert summary["processes"] == 2 and summary["images_done"] == 6 and summary["images_failed"] == 1
+
+
+def test_nproc_says_bad_usage_once_with_exit_code_2(tmp_path):
+    """What every rank would refuse is said once, before any process starts; what rank 0 finds in the
+    output folder, by rank 0 alone. Before: the line twice, torchrun's notices, exit code 1."""
+    src = tmp_path / "photos"
+    make_photos(src, count=2)
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("not a kmgpu run")
+    cases = [
+        (tmp_path / "missing", tmp_path / "o", (), "missing: no such file or folder"),
+        (src, tmp_path / "o", ("--k", "999"), "k=999 is out of range: palette PNGs hold 2 to 256 colors"),
+        (src, src / "o", (), f"--out {src / 'o'} is inside the source {src}: choose a folder outside it"),
+        (src, tmp_path / "theirs", (), "is not empty and holds no kmgpu run"),  # found by rank 0
+    ]
+    for source, out, more, message in cases:
+        done = nproc(source, out, *more)
+        assert done.returncode == 2, done.stderr[-3000:]
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("kmgpu: error: ") and message in line
+    assert not (src / "o").exists() and (tmp_path / "theirs" / "notes.txt").read_text() == "not a kmgpu run"
+
+
+def test_nproc_a_rank_killed_is_one_line(tmp_path):
+    """A rank killed (the out-of-memory killer, say) ends the job with exit 1 and one line naming it."""
+    src = tmp_path / "photos"
+    make_photos(src, count=2)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\nif os.environ.get('RANK') == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = nproc(src, tmp_path / "o", env={**ENV, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"})
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("kmgpu: error: rank 1 (pid ") and line.endswith(
+        "was killed by SIGKILL; the images done so far are kept, the same command resumes"
+    )
+
+
+def test_nproc_stopped_by_sigterm_is_one_line(tmp_path):
+    """A scheduler stops the job (SIGTERM to the launcher): torchrun stops the ranks, and the command
+    ends with one line and 128 + 15, as a shell reports a command that SIGTERM ended (before: a traceback)."""
+    src = tmp_path / "photos"
+    make_photos(src, count=2)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # each rank says it has started, then waits to be stopped
+        "import os, pathlib, time\nif 'RANK' in os.environ:\n"
+        f"    pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK']).touch()\n    time.sleep(60)\n"
+    )
+    env = {**ENV, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
+    cmd = [sys.executable, "-m", "kmgpu", "run", str(src), "--out", str(tmp_path / "o"), *ARGS, "--nproc", "2"]
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"rank{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.splitlines() == [
+        "kmgpu: error: stopped by SIGTERM; the images done so far are kept, the same command resumes"
+    ]
 
 
 def test_backend_nccl_only_with_a_gpu_per_rank(monkeypatch):
