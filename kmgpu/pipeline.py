@@ -145,6 +145,11 @@ def map_in_workers(work: Callable, jobs: list[tuple], workers: int) -> Iterator:
 _WORKER_START = "fork" if sys.platform.startswith("linux") else None
 
 
+def _forking_parent() -> int | None:
+    """This process, where it forks its workers itself (Linux), so that each can die with it (see init_worker)."""
+    return os.getpid() if _WORKER_START == "fork" else None
+
+
 def _loaded(dataset: torch.utils.data.Dataset, workers: int, *, prefetch: int, **advice) -> Iterator:
     """The items of ``dataset``, one at a time, from a DataLoader of ``workers`` worker processes (0: inline)."""
     with warnings.catch_warnings():
@@ -156,7 +161,7 @@ def _loaded(dataset: torch.utils.data.Dataset, workers: int, *, prefetch: int, *
             batch_size=None,
             num_workers=workers,
             collate_fn=identity_collate,
-            worker_init_fn=functools.partial(init_worker, parent=os.getpid()) if workers else None,
+            worker_init_fn=functools.partial(init_worker, parent=_forking_parent()) if workers else None,
             prefetch_factor=prefetch if workers else None,
             multiprocessing_context=_WORKER_START if workers else None,
         )
@@ -186,8 +191,8 @@ def check_sources(sources: list[Path], out: Path | None) -> Path:
     """The output folder of a run of ``sources`` into ``out`` (None: the default beside the source).
 
     Raises RunError where the run cannot start: a source missing, given twice or
-    inside another, or an output folder inside a source. Reads nothing but the
-    paths, so a launcher can check them before it starts any process.
+    inside another, or an output folder inside a source. It looks at the paths
+    alone (no file is opened), so a launcher can check them before it starts any process.
     """
     out = out if out is not None else default_output(sources)
     for src in sources:
