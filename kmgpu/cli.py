@@ -104,6 +104,10 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# What a run that stops early has kept (every output is written whole, and recorded).
+_KEPT = "the images done so far are kept, the same command resumes"
+
+
 class _Said(typer.Exit):
     """An exit whose reason the command has printed already (see :func:`console`)."""
 
@@ -459,6 +463,7 @@ def run_command(
     """
     from .config import ConfigError, load_config
     from .device import DeviceError, check_device
+    from .distributed import from_environment
     from .imageio import os_reason
     from .pipeline import RunError, WorkerDied, check_sources, run
 
@@ -476,13 +481,13 @@ def run_command(
         _bars_drawn_here()
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)
     except (ConfigError, DeviceError, RunError) as err:
-        if getattr(err, "every_rank", False) and os.environ.get("RANK", "0") != "0":
+        if getattr(err, "every_rank", False) and not from_environment().is_main:
             raise typer.Exit(2) from None  # rank 0 says it for the job
         _fail(str(err))
     except WorkerDied as err:
-        _fail(f"{err}; the images done so far are kept, the same command resumes", code=1)
+        _fail(f"{err}; {_KEPT}", code=1)
     except OSError as err:  # the output folder, mid-run: no space left, gone, read-only
-        _fail(f"cannot write: {os_reason(err)}; the images done so far are kept, the same command resumes", code=1)
+        _fail(f"cannot write: {os_reason(err)}; {_KEPT}", code=1)
     except (KeyboardInterrupt, SystemError) as err:
         if not _interrupted(err):
             raise
@@ -532,20 +537,11 @@ def _relaunch_under_torchrun(nproc: int) -> None:
         rank, failure = err.get_first_failure()
         if failure.exitcode > 0:
             raise _Said(failure.exitcode) from None
-        typer.echo(
-            f"kmgpu: error: rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}; "
-            "the images done so far are kept, the same command resumes",
-            err=True,
-        )
-        raise _Said(1) from None
+        _fail(f"rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}; {_KEPT}", code=1)
     except SignalException as err:  # torchrun has passed the signal on to the ranks, and they have ended
         if err.sigval == signal.SIGINT:  # a Ctrl-C: each rank has said what it kept
             raise _Said(130) from None
-        typer.echo(
-            f"kmgpu: error: stopped by {err.sigval.name}; the images done so far are kept, the same command resumes",
-            err=True,
-        )
-        raise _Said(128 + err.sigval.value) from None
+        _fail(f"stopped by {err.sigval.name}; {_KEPT}", code=128 + err.sigval.value)
     raise typer.Exit(0)
 
 

@@ -71,7 +71,7 @@ def _parsed(spec: str | torch.device | None) -> tuple[str, int | None]:
     match = _DEVICE_PATTERN.match(text)
     if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
         raise DeviceError(f"device={spec!r} is not a device: use auto, cpu, cuda or cuda:N")
-    kind, index = match.group(1), match.group(2)
+    kind, index = match.group(1), None if match.group(2) is None else int(match.group(2))
     if kind != "cuda":
         return kind, None
     if not torch.cuda.is_available():
@@ -82,11 +82,11 @@ def _parsed(spec: str | torch.device | None) -> tuple[str, int | None]:
         )
         raise DeviceError(f"device={spec!r} was asked for, but {why}; use --device cpu or auto")
     count = torch.cuda.device_count()  # from the driver: no CUDA context is made
-    if index is not None and int(index) >= count:
+    if index is not None and index >= count:
         raise DeviceError(
             f"device={spec!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
         )
-    return kind, None if index is None else int(index)
+    return kind, index
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
