@@ -112,15 +112,42 @@ class _Said(typer.Exit):
     """An exit whose reason the command has printed already (see :func:`console`)."""
 
 
-def _interrupted(err: BaseException | None) -> bool:
-    """Whether ``err`` is a Ctrl-C: a KeyboardInterrupt, or the SystemError ("returned a result with an
+class _Stopped(KeyboardInterrupt):
+    """A SIGTERM, raised where a Ctrl-C's KeyboardInterrupt would be (see :func:`_stop_on_sigterm`)."""
+
+
+def _stop_on_sigterm() -> None:
+    """Let SIGTERM (``kill``, ``timeout``, a scheduler's stop) end the command as a Ctrl-C does.
+
+    Its default ended a run at once, in silence, its exit status -15, where a Ctrl-C says in one
+    line what was kept. Now both stop the same way: the images done are recorded, the workers
+    leave their loops (forked, they raise it too when the whole group is signalled, as they do
+    for a Ctrl-C) and the command says so; a second SIGTERM ends the process at once. Not under
+    torchrun: there the launcher speaks for the job, and torchrun stops ranks with SIGTERM.
+    """
+    if "WORLD_SIZE" in os.environ:
+        return
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise _Stopped
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (the app called from a library's thread): leave it be
+        pass
+
+
+def _interrupted(err: BaseException | None) -> signal.Signals | None:
+    """The signal that stopped the command, where ``err`` is how it surfaced: a KeyboardInterrupt
+    (SIGINT, a Ctrl-C; SIGTERM as :class:`_Stopped`), or the SystemError ("returned a result with an
     exception set") that a compiled numba kernel's call raises, with the KeyboardInterrupt as its cause,
-    when the signal arrives while the kernel runs."""
+    when the signal arrives while the kernel runs. None for any other error."""
     while err is not None:
         if isinstance(err, KeyboardInterrupt):
-            return True
+            return signal.SIGTERM if isinstance(err, _Stopped) else signal.SIGINT
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 def _note(message: str) -> None:
@@ -459,7 +486,8 @@ def run_command(
 
     Writes OUT/manifest.jsonl (one line per image) and OUT/summary.json; the same command resumes.
 
-    Exit codes: 0 every image done, 1 some failed (listed in the manifest), 2 bad usage, 130 interrupted.
+    Exit codes: 0 every image done, 1 some failed (listed in the manifest), 2 bad usage, 130 interrupted, 143 stopped
+    by SIGTERM.
     """
     from .config import ConfigError, load_config
     from .device import DeviceError, check_device
@@ -489,12 +517,15 @@ def run_command(
     except OSError as err:  # the output folder, mid-run: no space left, gone, read-only
         _fail(f"cannot write: {os_reason(err)}; {_KEPT}", code=1)
     except (KeyboardInterrupt, SystemError) as err:
-        if not _interrupted(err):
+        sig = _interrupted(err)
+        if sig is None:
             raise
         # The manifest holds every image finished so far, each output complete (written atomically).
-        typer.echo("kmgpu: error: interrupted: the images done so far are kept; the same command resumes from there",
-                   err=True)  # fmt: skip
-        raise _Said(130) from None
+        said = "interrupted: the images done so far are kept; the same command resumes from there"
+        if sig != signal.SIGINT:  # as `--nproc` says it
+            said = f"stopped by {sig.name}; {_KEPT}"
+        typer.echo(f"kmgpu: error: {said}", err=True)
+        raise _Said(128 + sig) from None
     if not result.is_main:  # under torchrun, rank 0 speaks (and exits) for the job
         raise typer.Exit(0)
     _print_failures(Path(result.summary["output"]))
@@ -705,6 +736,13 @@ def _bars_drawn_here() -> None:
     tqdm.set_lock(threading.RLock())
 
 
+def _say_stopped(sig: signal.Signals) -> int:
+    """One line for a command that ``sig`` stopped; its exit code, as a shell gives a command the signal ends."""
+    said = "interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}"
+    print(f"kmgpu: error: {said}", file=sys.stderr)
+    return 128 + sig
+
+
 def console() -> None:
     """The ``kmgpu`` command: the app, then a direct exit, without the interpreter's teardown.
 
@@ -717,9 +755,11 @@ def console() -> None:
 
     A Ctrl-C ends any command with exit 130 and one line: typer turns a plain one into a
     silent exit 130, a compiled kernel's call returns it as a SystemError (see
-    :func:`_interrupted`), and ``kmgpu run`` says itself what it kept.
+    :func:`_interrupted`), and ``kmgpu run`` says itself what it kept. A SIGTERM does the
+    same, with exit 143 (:func:`_stop_on_sigterm`).
     """
     _paths_print_as_named()
+    _stop_on_sigterm()
     # torch's intra-op threads are OpenMP's, which spin after each parallel region until told to
     # sleep, taking a core from the threads that encode: `kmgpu run --workers 0` on 2 cores spent
     # 25.0 CPU s where 16.9 did, and ran 20% slower. Set before torch loads libgomp (the commands
@@ -730,14 +770,14 @@ def console() -> None:
         code = 0
     except SystemExit as done:
         code = done.code
-        if _interrupted(done.__context__) and not isinstance(done.__context__, _Said):
-            print("kmgpu: error: interrupted", file=sys.stderr)
-            code = 130
+        sig = _interrupted(done.__context__)
+        if sig is not None and not isinstance(done.__context__, _Said):
+            code = _say_stopped(sig)
     except (KeyboardInterrupt, SystemError) as err:
-        if not _interrupted(err):
+        sig = _interrupted(err)
+        if sig is None:
             raise
-        print("kmgpu: error: interrupted", file=sys.stderr)
-        code = 130
+        code = _say_stopped(sig)
     except OSError as err:  # an output a command could not write (a full disk, a folder gone), say
         from .imageio import os_reason
 

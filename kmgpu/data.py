@@ -409,12 +409,25 @@ def init_worker(worker_id: int, parent: int | None = None) -> None:
     One torch thread per worker: the workers share the cores (on the CPU each fits and encodes whole
     images). They keep freed memory as the command does (``kmgpu.allocator``: a forked worker
     inherits the setting, one started afresh needs it made). And each dies with its parent
-    (:func:`_die_with_parent`).
+    (:func:`_die_with_parent`), and ends quietly on a SIGTERM (:func:`_end_on_sigterm`).
     """
     if parent is not None:
         _die_with_parent(parent)
+    _end_on_sigterm()
     torch.set_num_threads(1)
     keep_freed_memory()
+
+
+def _end_on_sigterm() -> None:
+    """End this worker at once, with success, on a SIGTERM from anyone.
+
+    torch's workers end so on their parent's SIGTERM (how it stops one that lingers), and die of
+    anyone else's. When a scheduler, ``timeout`` or ``kill`` signals the command's whole process
+    group, the main process (stopping on its own SIGTERM, see ``cli._stop_on_sigterm``) then took
+    its workers' deaths for a crash and printed torch's traceback under its one line. A worker
+    holds nothing to save, and one that ends while its parent still runs is still seen as gone.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

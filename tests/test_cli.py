@@ -74,7 +74,8 @@ def test_run_help_gives_every_exit_code():
     result = runner.invoke(app, ["run", "--help"], terminal_width=200)
     assert result.exit_code == 0
     text = " ".join(result.output.split())  # as read, whatever the wrapping
-    codes = "0 every image done, 1 some failed (listed in the manifest), 2 bad usage, 130 interrupted."
+    codes = "0 every image done, 1 some failed (listed in the manifest), 2 bad usage, 130 interrupted, 143 stopped"
+    codes += " by SIGTERM."
     assert f"Exit codes: {codes}" in text
 
 
@@ -534,17 +535,21 @@ def test_help_and_report_answer_without_loading_torch(tmp_path):
     assert done.stdout.splitlines() == ["0 0 True True", "[]"]
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("inside_a_kernel", [False, True])
-def test_ctrl_c_ends_any_command_with_130_and_one_line(tmp_path, inside_a_kernel):
+def test_ctrl_c_or_sigterm_ends_any_command_with_one_line(tmp_path, sig, inside_a_kernel):
     """Outside `kmgpu run` (which says more), a Ctrl-C ends a command with exit 130 and one line, not a
     traceback nor silence: a plain one (typer's answer is a silent 130), or one that a numba kernel's
-    call returns as a SystemError."""
+    call returns as a SystemError. A SIGTERM likewise, with exit 143 (before: silence, status -15)."""
     code = "\n".join([
-        "import importlib, sys, kmgpu.cli as cli",
+        "import importlib, os, signal, sys, time, kmgpu.cli as cli",
         "q = importlib.import_module('kmgpu.quantize')  # the module: kmgpu.quantize is also a function",
-        "in_kernel = sys.argv[3] == 'True'",
+        "sig, in_kernel = sys.argv[3], sys.argv[4] == 'True'",
         "def interrupted(*args, **kwargs):",
         "    try:",
+        "        if sig == 'SIGTERM':",
+        "            os.kill(os.getpid(), signal.SIGTERM)",
+        "            time.sleep(30)  # the signal's handler raises here",
         "        raise KeyboardInterrupt",
         "    except KeyboardInterrupt as err:",
         "        if in_kernel:",
@@ -557,10 +562,11 @@ def test_ctrl_c_ends_any_command_with_130_and_one_line(tmp_path, inside_a_kernel
     src, out = tmp_path / "in.png", tmp_path / "out.png"
     Image.new("RGB", (8, 8), (200, 30, 40)).save(src)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    args = [sys.executable, "-c", code, str(src), str(out), str(inside_a_kernel)]
-    done = subprocess.run(args, capture_output=True, text=True, env=env)
-    assert done.returncode == 130, done.stderr
-    assert done.stderr.splitlines() == ["kmgpu: error: interrupted"] and not out.exists()
+    args = [sys.executable, "-c", code, str(src), str(out), sig, str(inside_a_kernel)]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    said = {"SIGINT": (130, "kmgpu: error: interrupted"), "SIGTERM": (143, "kmgpu: error: stopped by SIGTERM")}
+    assert done.returncode == said[sig][0], done.stderr
+    assert done.stderr.splitlines() == [said[sig][1]] and not out.exists()
 
 
 def test_ctrl_c_in_run_is_said_once(tmp_path):

@@ -273,9 +273,20 @@ def comparable(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "ms"} for r in records(out)]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, sig):
-    """SIGKILL at any moment, or Ctrl-C (SIGINT to the whole process group, which says so in one line)."""
+@pytest.mark.parametrize(
+    ("sig", "workers", "group"),
+    [
+        pytest.param(signal.SIGKILL, "0", True, id="SIGKILL"),
+        pytest.param(signal.SIGINT, "0", True, id="SIGINT"),
+        pytest.param(signal.SIGTERM, "2", True, id="SIGTERM-to-the-group"),
+        pytest.param(signal.SIGTERM, "2", False, id="SIGTERM-to-the-command"),
+    ],
+)
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, sig, workers, group):
+    """SIGKILL at any moment; Ctrl-C (SIGINT to the whole process group), which says so in one line;
+    SIGTERM (a scheduler's or `timeout`'s stop) to the whole group or to the command alone, which says
+    so in one line and exits 143 (before: silently, status -15; with workers signalled too, torch's
+    traceback of their deaths under the line)."""
     src = tmp_path / "photos"
     src.mkdir()
     base = np.asarray(photo((240, 160)))
@@ -283,7 +294,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, sig):
         sub = src / f"part{i % 3}"
         sub.mkdir(exist_ok=True)
         Image.fromarray(np.roll(base, 7 * i, axis=1)).save(sub / f"img{i:02d}.png")
-    args = ["--k", "64", "--device", "cpu", "--batch-size", "2", "--workers", "0", "--no-progress"]
+    args = ["--k", "64", "--device", "cpu", "--batch-size", "2", "--workers", workers, "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "kmgpu", "run", str(src), *args]
 
@@ -298,11 +309,15 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, sig):
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, sig)
+    (os.killpg if group else os.kill)(proc.pid, sig)
     _, err = proc.communicate()
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and err.decode().splitlines() == [
             "kmgpu: error: interrupted: the images done so far are kept; the same command resumes from there"
+        ]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and err.decode().splitlines() == [
+            "kmgpu: error: stopped by SIGTERM; the images done so far are kept, the same command resumes"
         ]
     lines_before = (killed / MANIFEST).read_text().count("\n")
     assert 5 <= lines_before < 36
