@@ -282,11 +282,15 @@ def _chunked_histograms(images: Sequence[torch.Tensor], device: torch.device):
 
 
 def _chunked_labels(images, color_keys, colors_of: _Ragged, label_of_color, device) -> list[torch.Tensor]:
-    """Each pixel's label (uint8), looked up chunk by chunk among its image's sorted keys."""
+    """Each pixel's label (uint8), looked up chunk by chunk among its image's sorted keys (on the CPU, in one
+    pass through a table: :func:`kmgpu.cpu_kernels.label_pixels`)."""
     out = []
     for b, im in enumerate(images):
         mine = colors_of.values_of(color_keys, b).to(_key_dtype(im.shape[1]))  # as _pack_narrow packs them
         labels = colors_of.values_of(label_of_color, b).to(torch.uint8)
+        if device.type == "cpu" and im.shape[1] <= 3 and cpu_kernels.compiled():
+            out.append(cpu_kernels.label_pixels(im, mine, labels))
+            continue
         parts = [labels.index_select(0, torch.searchsorted(mine, _pack_narrow(chunk))) for chunk in _chunks(im, device)]
         out.append(torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device))
     return out

@@ -380,6 +380,26 @@ def test_distinct_colors_is_a_sort_of_the_keys(channels, sizes, levels, seed, by
 @settings(max_examples=40, deadline=None)
 @given(
     channels=st.integers(1, 3),
+    size=st.integers(0, 400),
+    levels=st.sampled_from([2, 7, 256]),
+    seed=st.integers(0, 2**16),
+)
+def test_label_pixels_looks_each_pixel_up_among_its_colors(channels, size, levels, seed):
+    """Each pixel's label as a binary search of the sorted keys finds it (the chunked path's torch
+    lookup); the table is left clean."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.randint(0, levels, (size, channels), generator=g) * (255 // max(1, levels - 1))).to(torch.uint8)
+    keys = torch.unique(q._pack_narrow(pixels))
+    labels = torch.randint(0, 256, (keys.numel(),), generator=g).to(torch.uint8)
+    got = cpu_kernels.label_pixels(pixels, keys, labels)
+    assert got.dtype == torch.uint8
+    assert torch.equal(got, labels[torch.searchsorted(keys, q._pack_narrow(pixels))])
+    assert not cpu_kernels._tables.table.any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    channels=st.integers(1, 3),
     bits=st.integers(1, 8),
     sizes=st.lists(st.integers(0, 200), min_size=1, max_size=4),
     seed=st.integers(0, 2**16),

@@ -213,10 +213,11 @@ def test_images_grouped_by_size_fit_as_alone(monkeypatch):
     assert max(len(g) for g in seen[:3]) >= 3  # the batch's own groups: the small crops went together
 
 
-@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_large_batches_take_their_histograms_in_chunks_with_the_same_result(monkeypatch, channels):
     """Above _CHUNKED_PIXELS a batch's histograms are made chunk by chunk, with no per-pixel index
-    (bounded memory for huge images); palettes and indices are the same."""
+    (bounded memory for huge images), and the pixels labelled through a table where numba runs
+    (up to 3 channels); palettes and indices are the same."""
     module = sys.modules["kmgpu.quantize"]
     photo = sample_pixels("coffee.png", step=2)
     if channels == 4:
@@ -229,8 +230,12 @@ def test_large_batches_take_their_histograms_in_chunks_with_the_same_result(monk
     seen = []
     merge = module._chunked_histograms
     monkeypatch.setattr(module, "_chunked_histograms", lambda *a: seen.append(1) or merge(*a))
+    tabled = []
+    label = cpu_kernels.label_pixels
+    monkeypatch.setattr(cpu_kernels, "label_pixels", lambda *a: tabled.append(1) or label(*a))
     chunked = fit_palettes(images, 16, seed=3, device="cpu")
     assert seen, "the chunked path did not run"
+    assert len(tabled) == (3 if channels <= 3 and cpu_kernels.compiled() else 0)
     for a, b in zip(whole, chunked):
         assert torch.equal(a.colors, b.colors) and torch.equal(a.indices, b.indices) and a.n_iter == b.n_iter
 
