@@ -61,8 +61,9 @@ __all__ = [
     "Bounds",
     "nearest",
     "lloyd",
-    "distinct_colors",
     "grid_bins",
+    "distinct_colors",
+    "count_colors",
     "label_pixels",
     "filter_rows",
     "nearest_chain",
@@ -84,12 +85,6 @@ _INF_BITS = np.int32(0x7F800000)  # the bits of float32 infinity: above those of
 # with the winner masked), which vectorise better there. Full searches on 200k random colors, 2-core
 # VM: k=16 26 ns against 39, k=48 48 against 55; k=64 49 against 45, k=128 68 against 60.
 _ONE_SWEEP_BELOW = 64
-# Images below this many pixels find their distinct colors by channel 2 first, in a table of 2**16
-# counts that stays in cache (cpu_kernels._distinct_by_channel): 75 bench-folder images (0.2 MP)
-# 0.22 s against 0.39, photos of 1 to 4 MP 10-20% faster. That takes 8 more bytes a pixel while it
-# runs, so larger images keep the 2**24 table (at 9 MP the gain was 7%; at 12 MP, scattering every
-# pixel's row back to its place missed cache more than the large table: 0.80 s against 0.75).
-_BY_CHANNEL_BELOW = 4_000_000
 # Work of a search, in points times (centers + 32): a point costs about as much as 32 centers
 # besides its centers. Below this much work per thread, fewer threads: a hand-off costs tens of
 # microseconds, about what 2**18 units take.
@@ -476,16 +471,51 @@ if numba is not None:
             table[key] = 0
 
     @_jit()
+    def _grid_bins(colors, counts, per_image, bits, table):
+        """Each image's colors merged onto a grid of ``2**bits`` levels per channel, as ``quantize._coarse_bins``.
+
+        ``colors`` (U, C) and ``counts`` (U,) hold each image's distinct colors,
+        image by image, ``per_image`` (B,) how many; ``bits`` below 8, at most 24
+        in all. ``table`` (2**24,) int32 is zeros, and is so again on return.
+        Returns, image by image and by key, each bin's pixel count and the
+        pixel-weighted sums of its colors (float64; exact: integers below
+        2**53), the bin of each color, and each image's number of bins.
+        """
+        n, d = colors.shape
+        listed = np.empty(n, np.int32)
+        scratch = np.empty(n, np.int32)
+        bin_of = np.empty(n, np.int64)
+        weight = np.zeros(n, np.float64)
+        sums = np.zeros((n, d), np.float64)
+        bins_per_image = np.zeros(per_image.shape[0], np.int64)
+        start = rows = 0
+        for b in range(per_image.shape[0]):
+            stop = start + per_image[b]
+            m = _rank_keys(colors, start, stop, bits, table, listed[rows:], scratch)
+            for i in range(start, stop):
+                row = rows + table[_packed(colors, i, bits)]
+                bin_of[i] = row
+                w = np.float64(counts[i])
+                weight[row] += w
+                for ch in range(d):
+                    sums[row, ch] += w * colors[i, ch]
+            _unrank_keys(table, listed[rows : rows + m])
+            bins_per_image[b] = m
+            rows += m
+            start = stop
+        return weight[:rows].copy(), sums[:rows].copy(), bin_of, bins_per_image
+
+    @_jit()
     def _distinct_by_channel(pixels, start, stop, rows, listed, counts, inverse, order, low):
         """:func:`_distinct` of the image in rows start..stop of ``pixels``, its colors' rows from ``rows`` on,
         working in a table of 2**16 entries (256 KiB, in cache) rather than 2**24.
 
         The pixels are first put in order of their channel 2 (a counting sort of
         their positions, and each one's two other channels), then each run of
-        one channel-2 value goes through the table as :func:`_distinct` goes
-        through its own. ``order`` and ``low`` hold stop - start int32 (8 bytes
-        a pixel, which is why only smaller images come here). Returns the
-        number of colors.
+        one channel-2 value goes through the table: its keys listed at their
+        first sight, radix-sorted, then each pixel's row written and counted.
+        ``order`` and ``low`` hold stop - start int32 (8 bytes a pixel, which is
+        why only smaller images come here). Returns the number of colors.
         """
         three = pixels.shape[1] == 3
         first = np.zeros(257, np.int64)  # where each channel-2 value's run starts
@@ -530,19 +560,14 @@ if numba is not None:
         return m
 
     @_jit()
-    def _distinct(pixels, sizes, table, by_channel_below):
+    def _distinct(pixels, sizes):
         """Each image's distinct colors (up to 3 channels), sorted, with their counts and each pixel's row.
 
         ``pixels`` (N, C) holds the images one after another, ``sizes`` (B,) their
-        pixels; ``table`` (2**24,) int32 is all zeros, and is so again on return.
-        A first pass lists each key at its first sight in the table, the keys
-        are radix-sorted, and the table then holds each key's row for a second
-        pass that counts the colors and writes the pixels' rows. An image of
-        fewer than ``by_channel_below`` pixels goes through
-        :func:`_distinct_by_channel` instead, whose table stays in cache. Returns
-        the keys and counts of every image's colors, image by image, each
-        pixel's row among them (int32: fewer than 2**31 pixels), and each image's
-        number of colors.
+        pixels; each image goes through :func:`_distinct_by_channel`, whose table
+        stays in cache. Returns the keys and counts of every image's colors, image
+        by image, each pixel's row among them (int32: fewer than 2**31 pixels),
+        and each image's number of colors.
         """
         n = pixels.shape[0]
         inverse = np.empty(n, np.int32)  # 4 bytes a pixel written at random, not 8: 0.8x the time
@@ -551,74 +576,69 @@ if numba is not None:
         per_image = np.zeros(sizes.shape[0], np.int64)
         largest = 0
         for b in range(sizes.shape[0]):
-            if sizes[b] < by_channel_below:
-                largest = max(largest, sizes[b])
+            largest = max(largest, sizes[b])
         order, low = np.empty(largest, np.int32), np.empty(largest, np.int32)
         start = rows = 0
         for b in range(sizes.shape[0]):
             stop = start + sizes[b]
-            if sizes[b] < by_channel_below:
-                m = _distinct_by_channel(pixels, start, stop, rows, listed, counts, inverse, order, low)
-            else:
-                # counts, not yet written past ``rows``, lends its bytes to the sort
-                m = _rank_keys(pixels, start, stop, 8, table, listed[rows:], counts[rows:].view(np.int32))
-                counts[rows : rows + m] = 0
-                for i in range(start, stop):
-                    row = rows + table[_packed(pixels, i, 8)]
-                    inverse[i] = row
-                    counts[row] += 1
-                _unrank_keys(table, listed[rows : rows + m])
+            m = _distinct_by_channel(pixels, start, stop, rows, listed, counts, inverse, order, low)
             per_image[b] = m
             rows += m
             start = stop
         return listed[:rows].copy(), counts[:rows].copy(), inverse, per_image
 
     @_jit()
-    def _grid_bins(colors, counts, per_image, bits, table):
-        """Each image's colors merged onto a grid of ``2**bits`` levels per channel, as ``quantize._coarse_bins``.
-
-        ``colors`` (U, C) and ``counts`` (U,) hold each image's distinct colors,
-        image by image, ``per_image`` (B,) how many; ``bits`` below 8, at most 24
-        in all. ``table`` (2**24,) int32 is zeros, and is so again on return.
-        Returns, image by image and by key, each bin's pixel count and the
-        pixel-weighted sums of its colors (float64; exact: integers below
-        2**53), the bin of each color, and each image's number of bins.
-        """
-        n, d = colors.shape
-        listed = np.empty(n, np.int32)
-        scratch = np.empty(n, np.int32)
-        bin_of = np.empty(n, np.int64)
-        weight = np.zeros(n, np.float64)
-        sums = np.zeros((n, d), np.float64)
-        bins_per_image = np.zeros(per_image.shape[0], np.int64)
+    def _count_colors(pixels, sizes, table):
+        """Each image's distinct colors (up to 3 channels), sorted by packed key, with their counts, and each
+        image's number of them; no row per pixel. ``pixels`` (N, C) holds the images one after another,
+        ``sizes`` (B,) their pixels. One pass over an image counts each key in ``table`` (2**24,) int32,
+        listing it at its first sight; the keys listed are radix-sorted and their counts read back.
+        ``table`` is all zeros on entry and again on return."""
+        cap = largest = 0
+        for b in range(sizes.shape[0]):
+            most = min(sizes[b], 1 << 24)  # colors an image can have
+            cap += most
+            largest = max(largest, most)
+        keys = np.empty(cap, np.int32)
+        counts = np.empty(cap, np.int64)
+        scratch = np.empty(largest, np.int32)
+        per_image = np.zeros(sizes.shape[0], np.int64)
         start = rows = 0
-        for b in range(per_image.shape[0]):
-            stop = start + per_image[b]
-            m = _rank_keys(colors, start, stop, bits, table, listed[rows:], scratch)
-            for i in range(start, stop):
-                row = rows + table[_packed(colors, i, bits)]
-                bin_of[i] = row
-                w = np.float64(counts[i])
-                weight[row] += w
-                for ch in range(d):
-                    sums[row, ch] += w * colors[i, ch]
-            _unrank_keys(table, listed[rows : rows + m])
-            bins_per_image[b] = m
+        for b in range(sizes.shape[0]):
+            m = 0
+            for i in range(start, start + sizes[b]):
+                key = _packed(pixels, i, 8)
+                if table[key] == 0:
+                    keys[rows + m] = key
+                    m += 1
+                table[key] += 1
+            mine = keys[rows : rows + m]
+            _sort_keys(mine, scratch[:m], 12)
+            for r in range(m):
+                counts[rows + r] = table[mine[r]]
+                table[mine[r]] = 0
+            per_image[b] = m
             rows += m
-            start = stop
-        return weight[:rows].copy(), sums[:rows].copy(), bin_of, bins_per_image
+            start += sizes[b]
+        return keys[:rows].copy(), counts[:rows].copy(), per_image
 
     @_jit()
-    def _label_pixels(pixels, keys, labels, table, out):
-        """Each pixel's label into ``out``: ``labels[r]`` where ``keys[r]`` is its color packed at 8 bits
-        (up to 3 channels, as ``_packed`` packs them), through ``table`` (2**24,) int32, all zeros on entry
-        and again on return. Every pixel's color must be among ``keys``."""
-        for r in range(keys.shape[0]):
-            table[keys[r]] = labels[r]
-        for i in range(pixels.shape[0]):
-            out[i] = table[_packed(pixels, i, 8)]
-        for r in range(keys.shape[0]):
-            table[keys[r]] = 0
+    def _label_pixels(pixels, sizes, keys, per_image, labels, table, out):
+        """Each pixel's label into ``out``: ``labels[r]`` where ``keys[r]`` is its color packed at 8 bits (up to
+        3 channels), among its own image's keys. ``pixels`` and ``sizes`` as :func:`_count_colors` takes them,
+        ``keys`` and ``per_image`` as it gives them. Through ``table`` (2**24,) int32, all zeros on entry and
+        again on return. Every pixel's color must be among its image's keys."""
+        start = rows = 0
+        for b in range(sizes.shape[0]):
+            m = per_image[b]
+            for r in range(rows, rows + m):
+                table[keys[r]] = labels[r]
+            for i in range(start, start + sizes[b]):
+                out[i] = table[_packed(pixels, i, 8)]
+            for r in range(rows, rows + m):
+                table[keys[r]] = 0
+            rows += m
+            start += sizes[b]
 
     @_jit()
     def _draw(cum, target):
@@ -1074,9 +1094,8 @@ else:  # pragma: no cover
     _tap11 = _tap11_down = _blur_along = _blur_down = None
     _luma_row = _quality = _filter_rows = _contrast_row = _cell_candidates = _dither = _nearest_chain = None
     _search = _geometry_of = _cluster_sums = _sums = _draw = _kmeans_plusplus = None
-    _prepare_search = _lloyd_update = _lloyd_pass = _packed = _distinct = _sort_keys = _rank_keys = _unrank_keys = (
-        _grid_bins
-    ) = _distinct_by_channel = None
+    _prepare_search = _lloyd_update = _lloyd_pass = _packed = _sort_keys = _rank_keys = _unrank_keys = None
+    _distinct_by_channel = _distinct = _count_colors = _label_pixels = _grid_bins = None
 
 
 class Bounds:
@@ -1128,9 +1147,10 @@ def _warm_search() -> None:
 
 def _warm_colors() -> None:
     pixels = torch.tensor([[1, 2, 3], [1, 2, 3], [200, 0, 9]], dtype=torch.uint8)
-    keys, counts, _, per_image = distinct_colors(pixels, [3])
-    grid_bins(pixels[1:], counts, per_image.tolist(), 6)
-    label_pixels(pixels, keys.to(torch.int32), torch.zeros(keys.shape[0], dtype=torch.uint8))  # as quantize does
+    distinct_colors(pixels, [3])
+    keys, counts, per_image = count_colors(pixels, [3])
+    label_pixels(pixels, [3], keys, per_image.tolist(), torch.zeros(keys.shape[0], dtype=torch.uint8))
+    grid_bins(pixels[1:], counts, per_image.tolist(), 6)  # its two distinct colors
 
 
 def _warm_seeds() -> None:
@@ -1167,7 +1187,7 @@ def _warm_dither() -> None:
 # can leave pointing at the wrong code.
 _WARM_GROUPS = {
     "search": (_warm_search, ("_search", "_sums", "_lloyd_pass"), 6.0),
-    "colors": (_warm_colors, ("_distinct", "_grid_bins", "_label_pixels"), 6.4),
+    "colors": (_warm_colors, ("_distinct", "_count_colors", "_label_pixels", "_grid_bins"), 6.4),
     "seeds": (_warm_seeds, ("_kmeans_plusplus",), 3.5),
     "png": (_warm_png, ("_filter_rows", "_nearest_chain"), 3.7),
     "dither": (_warm_dither, ("_dither",), 5.3),
@@ -1393,13 +1413,12 @@ _tables = threading.local()
 def distinct_colors(pixels: torch.Tensor, sizes: list[int]):
     """Each image's distinct colors, sorted by packed key, with their counts and each pixel's row.
 
-    What sorting the packed keys (``torch.unique``) gives, in two passes over
-    the pixels through a table of 2**24 counts: for a 12-megapixel photo about
-    0.3 s against 0.7 s for packing and sorting its keys. The table (64 MiB,
-    its pages taken as colors touch them) is kept for the next call, one per
-    thread. Images below ``_BY_CHANNEL_BELOW`` pixels are first ordered by
-    their channel 2 and go through a table of 2**16 instead, which stays in
-    cache (1.75x on 0.2 MP images).
+    What sorting the packed keys (``torch.unique``) gives, for small images:
+    each is first ordered by its channel 2, and each run of one channel-2
+    value goes through a table of 2**16 counts, which stays in cache (1.75x
+    the table of 2**24 on 0.2 MP images, 10-20% faster on photos of 1 to 4 MP).
+    It takes 24 bytes a pixel while it runs; ``quantize`` gives images of 4 MP
+    and more to :func:`count_colors` and :func:`label_pixels` instead.
 
     Parameters
     ----------
@@ -1410,20 +1429,12 @@ def distinct_colors(pixels: torch.Tensor, sizes: list[int]):
 
     Returns
     -------
-    keys (U,) int64, counts (U,) int64, inverse (N,) int32, colors per image (B,) int64
+    keys (U,) int32, counts (U,) int64, inverse (N,) int32, colors per image (B,) int64
     """
-    if pixels.shape[0] >= 2**31:  # kmgpu calls it with 2**24 at most (larger batches go in chunks)
+    if pixels.shape[0] >= 2**31:
         raise ValueError(f"{pixels.shape[0]} pixels: distinct_colors takes fewer than 2**31")
-    with _table() as table:
-        keys, counts, inverse, per_image = _distinct(
-            pixels.contiguous().numpy(), np.asarray(sizes, dtype=np.int64), table, _BY_CHANNEL_BELOW
-        )
-    return (
-        torch.from_numpy(keys).to(torch.int64),
-        torch.from_numpy(counts),
-        torch.from_numpy(inverse),
-        torch.from_numpy(per_image),
-    )
+    keys, counts, inverse, per_image = _distinct(pixels.contiguous().numpy(), np.asarray(sizes, dtype=np.int64))
+    return torch.from_numpy(keys), torch.from_numpy(counts), torch.from_numpy(inverse), torch.from_numpy(per_image)
 
 
 @contextlib.contextmanager
@@ -1442,7 +1453,7 @@ def grid_bins(colors: torch.Tensor, counts: torch.Tensor, per_image: list[int], 
     """Each image's distinct colors merged onto a grid of ``2**bits`` levels per channel.
 
     What ``quantize._coarse_bins`` makes with a sort, from the table of
-    :func:`distinct_colors`: ``bits`` below 8 (``quantize._pack`` puts channel 0
+    :func:`count_colors`: ``bits`` below 8 (``quantize._pack`` puts channel 0
     highest there), up to 24 bits of key (``bits`` times the channels).
 
     Returns
@@ -1457,17 +1468,46 @@ def grid_bins(colors: torch.Tensor, counts: torch.Tensor, per_image: list[int], 
     return means, torch.from_numpy(weight), torch.from_numpy(bin_of), torch.from_numpy(per_bins)
 
 
-def label_pixels(pixels: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each pixel's label (N,) uint8, where ``keys`` (U,) are the image's distinct colors packed at 8 bits
-    (``quantize._pack``; up to 3 channels) and ``labels`` (U,) their palette entries.
+def count_colors(pixels: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each image's distinct colors, sorted, with their counts: what sorting the packed keys gives.
 
-    What ``quantize._chunked_labels`` finds by a binary search of the sorted keys, chunk by chunk,
-    through the table of :func:`distinct_colors` instead: one pass over the pixels, no memory
-    but the labels (a 24-megapixel photo: 0.05 s against 1.2 s).
+    One pass over each image's pixels through a table of 2**24 counts, which
+    keeps no row per pixel (a pixel's palette entry is then looked up with
+    :func:`label_pixels`): a 12-megapixel photo in 0.08 s, against 0.28 s
+    with a second pass that writes each pixel's row (kmgpu's way until
+    session 29, BENCHMARKS.md) and 0.26 s for sorting its packed keys in chunks. The table (64 MiB, its pages
+    taken as colors touch them) is kept for the next call, one per thread.
+
+    Parameters
+    ----------
+    pixels : Tensor of shape (N, C), uint8, C of 1 to 3, on the CPU
+        The pixels of the images one after another.
+    sizes : list of int
+        Pixels of each image.
+
+    Returns
+    -------
+    keys (U,) int32 (packed as ``quantize._pack_narrow`` packs them), counts (U,) int64, colors per image (B,) int64
+    """
+    with _table() as table:
+        keys, counts, per_image = _count_colors(pixels.contiguous().numpy(), np.asarray(sizes, dtype=np.int64), table)
+    return torch.from_numpy(keys), torch.from_numpy(counts), torch.from_numpy(per_image)
+
+
+def label_pixels(
+    pixels: torch.Tensor, sizes: list[int], keys: torch.Tensor, per_image: list[int], labels: torch.Tensor
+) -> torch.Tensor:
+    """Each pixel's palette entry (N,) uint8: ``labels`` (U,) of its image's colors ``keys`` (U,) int32, as
+    :func:`count_colors` gives them (``per_image`` of them an image), for ``pixels`` and ``sizes`` as it takes
+    them. One pass through the table: what a binary search of each image's sorted keys finds
+    (``quantize._chunked_labels``), a 24-megapixel photo in 0.12 s against 1.2 s.
     """
     out = np.empty(pixels.shape[0], dtype=np.uint8)
     with _table() as table:
-        _label_pixels(pixels.contiguous().numpy(), keys.contiguous().numpy(), labels.contiguous().numpy(), table, out)
+        _label_pixels(
+            pixels.contiguous().numpy(), np.asarray(sizes, dtype=np.int64), keys.contiguous().numpy(),
+            np.asarray(per_image, dtype=np.int64), labels.contiguous().numpy(), table, out,
+        )  # fmt: skip
     return torch.from_numpy(out)
 
 

@@ -247,6 +247,14 @@ def _grouped_unique(composite: torch.Tensor, n_images: int, weights=None):
 
 # A batch of more pixels than this takes its histograms chunk by chunk (_chunked_histograms).
 _CHUNKED_PIXELS = 2**24
+# On the CPU, a batch with an image of this many pixels or more keeps no row per pixel (_tabled_histograms).
+# Below it each pixel's row comes from cpu_kernels.distinct_colors, whose small table stays in cache. One
+# thread, fit_palettes' "colors" and "assign" stages, rows against the large table's count and lookup:
+# bench-folder images (0.17 MP, groups of 6) 6.8-7.3 against 7.1-7.4 ms an image, 1 MP photos 18.2-18.6
+# against 17.3-18.1, 2.2-3.6 MP photos 58-59 against 53-57 (but in `kmgpu run`, 3 workers on 2 cores,
+# no faster: 7.7 s either way for 40 of them), a 12 MP photo 270 against 190 (in `kmgpu run`, 8 of them:
+# 5.4 s against 5.9-6.4).
+_ROWS_BELOW = 4_000_000
 _CHUNK = 2**22
 
 
@@ -282,17 +290,48 @@ def _chunked_histograms(images: Sequence[torch.Tensor], device: torch.device):
 
 
 def _chunked_labels(images, color_keys, colors_of: _Ragged, label_of_color, device) -> list[torch.Tensor]:
-    """Each pixel's label (uint8), looked up chunk by chunk among its image's sorted keys (on the CPU, in one
-    pass through a table: :func:`kmgpu.cpu_kernels.label_pixels`)."""
+    """Each pixel's label (uint8), looked up chunk by chunk among its image's sorted keys."""
     out = []
     for b, im in enumerate(images):
         mine = colors_of.values_of(color_keys, b).to(_key_dtype(im.shape[1]))  # as _pack_narrow packs them
         labels = colors_of.values_of(label_of_color, b).to(torch.uint8)
-        if device.type == "cpu" and im.shape[1] <= 3 and cpu_kernels.compiled():
-            out.append(cpu_kernels.label_pixels(im, mine, labels))
-            continue
         parts = [labels.index_select(0, torch.searchsorted(mine, _pack_narrow(chunk))) for chunk in _chunks(im, device)]
         out.append(torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device))
+    return out
+
+
+def _table_runs(images: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
+    """``images`` as the table kernels take them, pixels and sizes: joined in one call where they hold at most
+    ``_CHUNKED_PIXELS`` pixels (small images share a call's fixed costs), else one at a time (no copy)."""
+    sizes = [im.shape[0] for im in images]
+    if len(images) > 1 and sum(sizes) <= _CHUNKED_PIXELS:
+        return [(_joined(images), sizes)]
+    return [(im, [n]) for im, n in zip(images, sizes)]
+
+
+def _tabled_histograms(runs: list[tuple[torch.Tensor, list[int]]]):
+    """What :func:`_chunked_histograms` returns, from a table of counts (:func:`kmgpu.cpu_kernels.count_colors`;
+    on the CPU, up to 3 channels), for the images in ``runs`` (:func:`_table_runs`): no index per pixel either."""
+    keys, counts, per_image = [], [], []
+    for pixels, sizes in runs:
+        k, c, m = cpu_kernels.count_colors(pixels, sizes)
+        keys.append(k)
+        counts.append(c)
+        per_image.append(m)
+    return torch.cat(keys), _Ragged.of_sizes(torch.cat(per_image)), torch.cat(counts)
+
+
+def _tabled_labels(runs, color_keys, colors_of: _Ragged, label_of_color) -> list[torch.Tensor]:
+    """Each pixel's label (uint8), through the table (:func:`kmgpu.cpu_kernels.label_pixels`), for the keys of
+    :func:`_tabled_histograms`."""
+    labels = label_of_color.to(torch.uint8)
+    out, first = [], 0
+    for pixels, sizes in runs:
+        last = first + len(sizes)
+        rows = slice(colors_of.host_starts[first], colors_of.host_starts[last - 1] + colors_of.host_sizes[last - 1])
+        per_image = colors_of.host_sizes[first:last]
+        out.extend(cpu_kernels.label_pixels(pixels, sizes, color_keys[rows], per_image, labels[rows]).split(sizes))
+        first = last
     return out
 
 
@@ -597,12 +636,21 @@ def fit_palettes(
         coarse_n_init = 3 if int(ks.max()) <= 32 else 1
 
     sizes = torch.tensor([im.shape[0] for im in images])
-    chunked = int(sizes.sum()) > _CHUNKED_PIXELS  # bounded memory for huge images: no per-pixel index
+    # On the CPU (up to 3 channels, with numba) colors are counted in tables, not sorted. A batch with an
+    # image of _ROWS_BELOW pixels or more keeps no index per pixel: its pixels are labelled through the
+    # table at step 4, a 12 MP photo's colors and labels in half the time of writing each pixel's row
+    # and reading it back (0.16 s against 0.30). Elsewhere a batch too large to hold that index (bounded
+    # memory for huge images) is taken in chunks.
+    on_tables = dev.type == "cpu" and next(iter(channels)) <= 3 and cpu_kernels.compiled()
+    tabled = on_tables and int(sizes.max()) >= _ROWS_BELOW
+    chunked = not tabled and int(sizes.sum()) > _CHUNKED_PIXELS
     with stage(clock, "colors"):
-        if chunked:
+        if tabled:
+            runs = _table_runs(images)
+            color_keys, colors_of, counts = _tabled_histograms(runs)
+        elif chunked:
             color_keys, colors_of, counts = _chunked_histograms(images, dev)
-        elif dev.type == "cpu" and next(iter(channels)) <= 3 and cpu_kernels.compiled():
-            # The same, from a table of counts instead of a sort (see cpu_kernels.distinct_colors).
+        elif on_tables:  # small images: each pixel's row, from a table that stays in cache
             pixels = _joined(images)
             color_keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels.cpu(), sizes.tolist())
             colors_of = _Ragged.of_sizes(per_image)
@@ -662,7 +710,9 @@ def fit_palettes(
                 n_iters[b] = int(iters[i])
 
     with stage(clock, "assign"):
-        if chunked:
+        if tabled:
+            indices = _tabled_labels(runs, color_keys, colors_of, label_of_color)
+        elif chunked:
             indices = _chunked_labels(images, color_keys, colors_of, label_of_color, dev)
         else:
             # Bytes gathered, not int64 (6x), by index_select: 6x faster again than indexing with a tensor

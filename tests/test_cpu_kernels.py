@@ -352,48 +352,32 @@ def test_bounded_search_matches_brute_force_however_centers_move(d, k, n, moves,
     sizes=st.lists(st.integers(0, 300), min_size=1, max_size=4),
     levels=st.sampled_from([2, 5, 256]),
     seed=st.integers(0, 2**16),
-    by_channel_below=st.sampled_from([0, 150, 10**9]),  # every image through the large table, some, none
 )
-def test_distinct_colors_is_a_sort_of_the_keys(channels, sizes, levels, seed, by_channel_below):
-    """Each image's keys, counts and pixel rows as torch.unique gives them, by either table; the large
-    table is left clean."""
+def test_distinct_colors_and_count_colors_are_a_sort_of_the_keys(channels, sizes, levels, seed):
+    """Each image's keys and counts as torch.unique gives them, by either table, and from the small
+    one each pixel's row; through the large table, each pixel's label is its color's. The large table
+    is left clean."""
     g = torch.Generator().manual_seed(seed)
     pixels = (torch.randint(0, levels, (sum(sizes), channels), generator=g) * (255 // max(1, levels - 1))).to(
         torch.uint8
     )
-    with mock.patch.object(cpu_kernels, "_BY_CHANNEL_BELOW", by_channel_below):
-        keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels, sizes)
-    assert per_image.tolist() == [len(torch.unique(p, dim=0)) for p in pixels.split(sizes)]
-    assert inverse.dtype == torch.int32  # half the bytes of int64, written at random
+    keys, counts, inverse, per_image = cpu_kernels.distinct_colors(pixels, sizes)
+    keys2, counts2, per_image2 = cpu_kernels.count_colors(pixels, sizes)
+    assert per_image.tolist() == per_image2.tolist() == [len(torch.unique(p, dim=0)) for p in pixels.split(sizes)]
+    assert inverse.dtype == keys.dtype == keys2.dtype == torch.int32  # half the bytes of int64
     packed = sum(pixels[:, ch].long() << (8 * ch) for ch in range(channels))
     start = row = 0
     for size, m in zip(sizes, per_image.tolist()):
         want, want_inverse, want_counts = torch.unique(
             packed[start : start + size], return_inverse=True, return_counts=True
         )
-        assert torch.equal(keys[row : row + m], want) and torch.equal(counts[row : row + m], want_counts)
+        assert torch.equal(keys[row : row + m].long(), want) and torch.equal(counts[row : row + m], want_counts)
+        assert torch.equal(keys2[row : row + m].long(), want) and torch.equal(counts2[row : row + m], want_counts)
         assert torch.equal(inverse[start : start + size], want_inverse + row)
         start, row = start + size, row + m
-    assert not cpu_kernels._tables.table.any()
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    channels=st.integers(1, 3),
-    size=st.integers(0, 400),
-    levels=st.sampled_from([2, 7, 256]),
-    seed=st.integers(0, 2**16),
-)
-def test_label_pixels_looks_each_pixel_up_among_its_colors(channels, size, levels, seed):
-    """Each pixel's label as a binary search of the sorted keys finds it (the chunked path's torch
-    lookup); the table is left clean."""
-    g = torch.Generator().manual_seed(seed)
-    pixels = (torch.randint(0, levels, (size, channels), generator=g) * (255 // max(1, levels - 1))).to(torch.uint8)
-    keys = torch.unique(q._pack_narrow(pixels))
-    labels = torch.randint(0, 256, (keys.numel(),), generator=g).to(torch.uint8)
-    got = cpu_kernels.label_pixels(pixels, keys, labels)
-    assert got.dtype == torch.uint8
-    assert torch.equal(got, labels[torch.searchsorted(keys, q._pack_narrow(pixels))])
+    labels = torch.randint(0, 256, (keys2.numel(),), generator=g).to(torch.uint8)
+    got = cpu_kernels.label_pixels(pixels, sizes, keys2, per_image2.tolist(), labels)
+    assert got.dtype == torch.uint8 and torch.equal(got, labels[inverse.long()])
     assert not cpu_kernels._tables.table.any()
 
 

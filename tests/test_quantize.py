@@ -214,10 +214,13 @@ def test_images_grouped_by_size_fit_as_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
-def test_large_batches_take_their_histograms_in_chunks_with_the_same_result(monkeypatch, channels):
-    """Above _CHUNKED_PIXELS a batch's histograms are made chunk by chunk, with no per-pixel index
-    (bounded memory for huge images), and the pixels labelled through a table where numba runs
-    (up to 3 channels); palettes and indices are the same."""
+@pytest.mark.parametrize("path", ["chunks", "table, joined", "table, one by one"])
+def test_large_images_keep_no_index_per_pixel_with_the_same_result(monkeypatch, channels, path):
+    """Above _CHUNKED_PIXELS a batch's histograms are made chunk by chunk (bounded memory for huge
+    images); on the CPU a batch with an image of _ROWS_BELOW pixels or more has its colors counted and
+    its pixels labelled through a table (up to 3 channels, with numba), its images joined in one call
+    where the batch is small. Neither keeps an index per pixel; palettes and indices are the same as
+    those of the sort or of the small table."""
     module = sys.modules["kmgpu.quantize"]
     photo = sample_pixels("coffee.png", step=2)
     if channels == 4:
@@ -225,18 +228,36 @@ def test_large_batches_take_their_histograms_in_chunks_with_the_same_result(monk
     photo = np.ascontiguousarray(photo[:, :channels])
     images = [torch.from_numpy(photo[a : a + n].copy()) for a, n in [(0, 30_000), (7_000, 9_001), (40_000, 500)]]
     whole = fit_palettes(images, 16, seed=3, device="cpu")
-    monkeypatch.setattr(module, "_CHUNKED_PIXELS", 1_000)
-    monkeypatch.setattr(module, "_CHUNK", 4_099)  # several chunks an image, the last one short
-    seen = []
-    merge = module._chunked_histograms
-    monkeypatch.setattr(module, "_chunked_histograms", lambda *a: seen.append(1) or merge(*a))
-    tabled = []
-    label = cpu_kernels.label_pixels
-    monkeypatch.setattr(cpu_kernels, "label_pixels", lambda *a: tabled.append(1) or label(*a))
-    chunked = fit_palettes(images, 16, seed=3, device="cpu")
-    assert seen, "the chunked path did not run"
-    assert len(tabled) == (3 if channels <= 3 and cpu_kernels.compiled() else 0)
-    for a, b in zip(whole, chunked):
+    if path == "chunks":
+        monkeypatch.setattr(module, "_ROWS_BELOW", 10**9)  # no table of counts
+    else:
+        monkeypatch.setattr(module, "_ROWS_BELOW", 9_001)  # the batch holds two such images
+    if path != "table, joined":
+        monkeypatch.setattr(module, "_CHUNKED_PIXELS", 1_000)
+        monkeypatch.setattr(module, "_CHUNK", 4_099)  # several chunks an image, the last one short
+    calls = {"chunks": 0, "count": 0, "label": 0}
+
+    def spy(owner, name, key):
+        real = getattr(owner, name)
+
+        def called(*args):
+            calls[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(owner, name, called)
+
+    spy(module, "_chunked_histograms", "chunks")
+    spy(cpu_kernels, "count_colors", "count")
+    spy(cpu_kernels, "label_pixels", "label")
+    got = fit_palettes(images, 16, seed=3, device="cpu")
+    tabled = path != "chunks" and channels <= 3 and cpu_kernels.compiled()
+    runs = 1 if path == "table, joined" else 3
+    assert calls == {
+        "chunks": int(not tabled and path != "table, joined"),
+        "count": runs if tabled else 0,
+        "label": runs if tabled else 0,
+    }
+    for a, b in zip(whole, got):
         assert torch.equal(a.colors, b.colors) and torch.equal(a.indices, b.indices) and a.n_iter == b.n_iter
 
 
