@@ -121,9 +121,9 @@ def _stop_on_sigterm() -> None:
 
     Its default ended a run at once, in silence, its exit status -15, where a Ctrl-C says in one
     line what was kept. Now both stop the same way: the images done are recorded, the workers
-    leave their loops (forked, they raise it too when the whole group is signalled, as they do
-    for a Ctrl-C) and the command says so; a second SIGTERM ends the process at once. Not under
-    torchrun: there the launcher speaks for the job, and torchrun stops ranks with SIGTERM.
+    end (they end quietly on a SIGTERM of their own, when the whole group is signalled: see
+    ``data.init_worker``) and the command says so; a second SIGTERM ends the process at once.
+    Not under torchrun: there the launcher speaks for the job, and torchrun stops ranks with SIGTERM.
     """
     if "WORLD_SIZE" in os.environ:
         return
