@@ -1474,9 +1474,10 @@ def count_colors(pixels: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, 
     One pass over each image's pixels through a table of 2**24 counts, which
     keeps no row per pixel (a pixel's palette entry is then looked up with
     :func:`label_pixels`): a 12-megapixel photo in 0.08 s, against 0.28 s
-    with a second pass that writes each pixel's row (kmgpu's way until
-    session 29, BENCHMARKS.md) and 0.26 s for sorting its packed keys in chunks. The table (64 MiB, its pages
-    taken as colors touch them) is kept for the next call, one per thread.
+    with a second pass that writes each pixel's row (kmgpu's way before; see
+    BENCHMARKS.md, session 29) and 0.26 s for sorting its packed keys in
+    chunks. The table (64 MiB, its pages taken as colors touch them) is kept
+    for the next call, one per thread.
 
     Parameters
     ----------

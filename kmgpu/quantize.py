@@ -310,8 +310,9 @@ def _table_runs(images: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list
 
 
 def _tabled_histograms(runs: list[tuple[torch.Tensor, list[int]]]):
-    """What :func:`_chunked_histograms` returns, from a table of counts (:func:`kmgpu.cpu_kernels.count_colors`;
-    on the CPU, up to 3 channels), for the images in ``runs`` (:func:`_table_runs`): no index per pixel either."""
+    """What :func:`_chunked_histograms` returns (but int32 keys), from a table of counts
+    (:func:`kmgpu.cpu_kernels.count_colors`; on the CPU, up to 3 channels), for the images in ``runs``
+    (:func:`_table_runs`): no index per pixel either."""
     keys, counts, per_image = [], [], []
     for pixels, sizes in runs:
         k, c, m = cpu_kernels.count_colors(pixels, sizes)
