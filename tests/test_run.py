@@ -273,6 +273,12 @@ def comparable(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "ms"} for r in records(out)]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """Let SIGINT raise in the child even where this suite runs with it ignored (a shell's background job:
+    the child would inherit the SIG_IGN, keep it, as a program started so should, and run to the end)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("sig", "workers", "group"),
     [
@@ -300,7 +306,12 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, sig, w
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        [*cmd, "--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
