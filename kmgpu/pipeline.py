@@ -862,10 +862,15 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
                 if stopped:
                     break
                 continue
+            size = 0 if sample.image is None else sample.image.width * sample.image.height
+            if batch and pixels + size > config.batch_pixels:  # the cap is a cap: flush before passing it
+                stopped |= _flush(batch, config, device, out, pool, sink, fail_fast, clock)
+                batch, pixels = [], 0
+                if stopped:
+                    break
             batch.append(sample)
-            if sample.image is not None:
-                pixels += sample.image.width * sample.image.height
-            elif fail_fast:
+            pixels += size
+            if sample.image is None and fail_fast:
                 stopped = True
             if stopped or len(batch) >= config.batch_size or pixels >= config.batch_pixels:
                 stopped |= _flush(batch, config, device, out, pool, sink, fail_fast, clock)
