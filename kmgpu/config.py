@@ -32,9 +32,19 @@ def dither_error(dither: str) -> str | None:
     return None if dither in DITHER_MODES else f"dither={dither!r} is not a dithering mode: use none or fs"
 
 
+def rank_cores() -> int:
+    """The cores of this process: those it may run on, shared among the ranks torchrun started on this
+    machine (LOCAL_WORLD_SIZE; 8 ranks of a 16-core host get 2 each, not 16 each), at least 1."""
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, available_cores() // ranks)
+
+
 def default_workers(device_type: str) -> int:
     """The DataLoader workers of ``kmgpu run`` (and ``kmgpu compress``) on a device of this type, by default."""
-    cores = available_cores()
+    cores = rank_cores()
     # On the CPU each worker fits and encodes its images on one thread; one more worker
     # than cores fills the moments a worker waits (for the main process's writes, for a
     # pipe): on 2 cores, 3 workers ran the bench_run folder 1.15-1.2x faster than 2, and 4
@@ -151,7 +161,7 @@ class RunConfig:
         """The number of PNG writer threads on a device of this type."""
         if self.writers >= 1:
             return self.writers
-        return 2 if device_type == "cpu" else max(2, min(8, available_cores() // 2))
+        return 2 if device_type == "cpu" else max(2, min(8, rank_cores() // 2))
 
     def batch_count(self, device_type: str) -> int:
         """The most images in one batched fit on a device of this type."""

@@ -1170,11 +1170,32 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
 def test_automatic_worker_count(monkeypatch):
     from kmgpu.config import RunConfig
 
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr("kmgpu.config.available_cores", lambda: 16)
     assert RunConfig().worker_count("cpu") == 8 and RunConfig().worker_count("cuda") == 4
+    assert RunConfig().writer_count("cpu") == 2 and RunConfig().writer_count("cuda") == 8
     assert RunConfig(workers=3).worker_count("cpu") == 3 and RunConfig(workers=0).worker_count("cuda") == 0
     monkeypatch.setattr("kmgpu.config.available_cores", lambda: 2)
     assert RunConfig().worker_count("cpu") == 3 and RunConfig().worker_count("cuda") == 2
+
+
+def test_automatic_counts_share_the_cores_among_torchrun_ranks(monkeypatch):
+    """Each of the ranks torchrun starts on a machine counts its share of the cores (before: all of them, so
+    8 ranks of a 16-core GPU host started 32 workers and 64 writer threads); a count set by hand is kept."""
+    from kmgpu.config import RunConfig
+
+    monkeypatch.setattr("kmgpu.config.available_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert RunConfig().worker_count("cuda") == 2 and RunConfig().writer_count("cuda") == 2
+    assert RunConfig().worker_count("cpu") == 3 and RunConfig(workers=5, writers=3).effective("cuda").writers == 3
+    assert RunConfig(workers=5).worker_count("cuda") == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert RunConfig().worker_count("cuda") == 4 and RunConfig().writer_count("cuda") == 4
+    assert RunConfig().worker_count("cpu") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more ranks than cores: one each
+    assert RunConfig().worker_count("cpu") == 2 and RunConfig().worker_count("cuda") == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert RunConfig().worker_count("cuda") == 4
 
 
 def test_the_automatic_worker_count_raises_no_torch_warning(tmp_path):
