@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from kmgpu.data import Item
 from kmgpu.distributed import Dist, from_environment, pixel_shard
 from kmgpu.pipeline import MANIFEST, SUMMARY, read_manifest
 
+from .conftest import needs_cuda
 from .images import photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,3 +222,21 @@ def test_backend_nccl_only_with_a_gpu_per_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # two ranks share one GPU
     assert ctx.backend(torch.device("cuda", 0)) == "gloo"
     assert ctx.backend(torch.device("cpu")) == "gloo"
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_two_ranks_on_cuda_equal_one_cuda_process(tmp_path):
+    """`--nproc 2 --device cuda`: each rank takes the GPU of its LOCAL_RANK (two ranks on one GPU share it,
+    over gloo; on two GPUs, one each, over NCCL) and the job writes what one CUDA process writes, byte for
+    byte, each rank's device in summary.json."""
+    src = tmp_path / "photos"
+    make_photos(src)
+    cmd = [sys.executable, "-m", "kmgpu", "run", str(src), "--out", str(tmp_path / "one"), *ARGS, "--device", "cuda"]
+    one = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    two = nproc(src, tmp_path / "two", "--device", "cuda")
+    assert one.returncode == 1 and two.returncode == 1, two.stderr[-3000:]  # the broken file
+    same_outputs(tmp_path / "one", tmp_path / "two")
+    assert lines(tmp_path / "one") == lines(tmp_path / "two")
+    summary = json.loads((tmp_path / "two" / SUMMARY).read_text())
+    assert [r["device"].split(":")[0] for r in summary["ranks"]] == ["cuda", "cuda"]
