@@ -327,7 +327,9 @@ class DecodeDataset(IterableDataset):
 
     ``work``, when given, runs in the worker too, on its decoded samples a
     group at a time: up to ``group_size`` in a row, fewer where they reach
-    ``group_pixels`` pixels first. It returns them, in the same order.
+    ``group_pixels`` pixels first, and never more than ``group_cap`` pixels
+    (an image that would pass it starts the next group; one over it goes
+    alone). It returns them, in the same order.
 
     With several workers, worker ``w`` of ``W`` takes the items ``i`` with
     ``i % W == w``: the DataLoader hands the results back in the walk's
@@ -346,10 +348,12 @@ class DecodeDataset(IterableDataset):
         work: Callable[[list[Sample]], list[Sample]] | None = None,
         group_size: int = 1,
         group_pixels: int = 0,
+        group_cap: int | None = None,
     ):
         self.work = work
         self.group_size = group_size
         self.group_pixels = group_pixels
+        self.group_cap = group_cap
         self.sources = sources
         self.done = done
         self.max_pixels = max_pixels
@@ -378,9 +382,12 @@ class DecodeDataset(IterableDataset):
             if self.work is None:
                 yield sample
                 continue
+            size = 0 if sample.image is None else sample.image.width * sample.image.height
+            if group and self.group_cap is not None and pixels + size > self.group_cap:
+                yield from self.work(group)
+                group, pixels = [], 0
             group.append(sample)
-            if sample.image is not None:
-                pixels += sample.image.width * sample.image.height
+            pixels += size
             if len(group) >= self.group_size or pixels >= self.group_pixels:
                 yield from self.work(group)
                 group, pixels = [], 0

@@ -815,6 +815,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         work=functools.partial(quantize_in_worker, config=config) if in_workers else None,
         group_size=config.batch_size,
         group_pixels=min(config.batch_pixels, _WORKER_GROUP_PIXELS),
+        group_cap=config.batch_pixels,
     )
     samples = _loaded(dataset, workers, prefetch=4)
     counters = _Counters()

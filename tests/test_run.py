@@ -247,11 +247,12 @@ def test_workers_fit_their_images_in_groups_capped_by_count_and_pixels(tmp_path,
         assert p.read_bytes() == (tmp_path / "g" / p.name).read_bytes()
 
 
-def test_batches_of_the_main_process_never_pass_batch_pixels(tmp_path, monkeypatch):
-    """Without workers (and on CUDA) the command's batches hold at most --batch-size images and --batch-pixels
-    pixels: a batch is sent before the image that would pass the cap (before: after it, so that two 12 MP
-    photos made a 24 MP batch under a 16 MP cap); an image over the cap goes alone. The bytes are those of
-    one image at a time."""
+@pytest.mark.parametrize("workers", ["0", "1"], ids=["main-process", "worker"])
+def test_batches_never_pass_batch_pixels(tmp_path, monkeypatch, workers):
+    """The command's batches (without workers, and on CUDA) and a CPU worker's groups hold at most
+    --batch-size images and --batch-pixels pixels: a batch is sent before the image that would pass the cap
+    (before: after it, so that two 12 MP photos made a 23 MP batch under a 16 MP cap); an image over the
+    cap goes alone. The bytes are those of one image at a time."""
     src = tmp_path / "photos"
     src.mkdir()
     sizes = {}
@@ -260,21 +261,24 @@ def test_batches_of_the_main_process_never_pass_batch_pixels(tmp_path, monkeypat
         sizes[f"s{i}.png"] = 40 * (30 + i)  # 1,200 to 1,520 pixels
     photo((120, 90)).save(src / "s4big.png")  # 10,800 pixels, over the cap: between s4 and s5 in walk order
     sizes["s4big.png"] = 120 * 90
-    batches = []
+    calls = tmp_path / "calls"
+    calls.mkdir()
     real = kmgpu.pipeline._fit
 
-    def logged(samples, config, device, clock):
-        batches.append([s.item.rel for s in samples])
+    def logged(samples, config, device, clock):  # in the command's process, or in the forked worker
+        (calls / f"{time.perf_counter_ns()}").write_text(" ".join(s.item.rel for s in samples))
         return real(samples, config, device, clock)
 
     monkeypatch.setattr(kmgpu.pipeline, "_fit", logged)
-    args = ["--k", "8", "--workers", "0", "--batch-size", "4", "--batch-pixels", "4000"]
+    args = ["--k", "8", "--workers", workers, "--batch-size", "4", "--batch-pixels", "4000"]
     assert run_cli(src, "--out", tmp_path / "b", *args).exit_code == 0
+    batches = [p.read_text().split() for p in sorted(calls.iterdir(), key=lambda p: int(p.name))]
     assert batches == [["s0.png", "s1.png", "s2.png"], ["s3.png", "s4.png"], ["s4big.png"],
                        ["s5.png", "s6.png"], ["s7.png", "s8.png"]]  # fmt: skip
     for batch, after in zip(batches, batches[1:]):
         assert len(batch) == 1 or sum(sizes[n] for n in batch) <= 4000
         assert sum(sizes[n] for n in [*batch, after[0]]) > 4000  # each as full as the cap allows
+    monkeypatch.setattr(kmgpu.pipeline, "_fit", real)
     alone = run_cli(src, "--out", tmp_path / "a", "--k", "8", "--workers", "0", "--batch-size", "1")
     assert alone.exit_code == 0
     assert comparable(tmp_path / "b") == comparable(tmp_path / "a")
