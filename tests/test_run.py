@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -214,37 +215,56 @@ def test_batching_and_workers_do_not_change_a_byte(tmp_path):
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "many" / rel).read_bytes()
 
 
-def test_workers_fit_their_images_in_groups_capped_by_count_and_pixels(tmp_path, monkeypatch):
-    """On the CPU each worker fits its images a group at a time, up to --batch-size of them or until they hold
-    the group's pixel cap (a photo over it goes alone, or with what waited before it); the files and records
-    are those of one image at a time."""
-    src = tmp_path / "photos"
+def ten_photos(src: Path) -> dict[str, int]:
+    """s0 to s8 (1,200 to 1,520 pixels), and s4big (10,800) between s4 and s5 in walk order; their pixels."""
     src.mkdir()
+    sizes = {}
     for i in range(9):
-        photo((40, 30 + i)).save(src / f"s{i}.png")  # about 1,300 pixels each
-    photo((120, 90)).save(src / "s4big.png")  # 10,800 pixels, over the cap: between s4 and s5 in walk order
-    calls = tmp_path / "calls"
+        photo((40, 30 + i)).save(src / f"s{i}.png")
+        sizes[f"s{i}.png"] = 40 * (30 + i)
+    photo((120, 90)).save(src / "s4big.png")
+    sizes["s4big.png"] = 120 * 90
+    return sizes
+
+
+def log_fits(monkeypatch, calls: Path) -> Callable[[], list[list[str]]]:
+    """Log the images of each batched fit to a file in ``calls`` (the fit may run in a forked worker);
+    returns what reads the log back, in the order of the calls."""
     calls.mkdir()
     real = kmgpu.pipeline._fit
 
-    def logged(samples, config, device, clock):  # in the forked worker
-        (calls / f"{os.getpid()}-{time.perf_counter_ns()}").write_text(" ".join(s.item.rel for s in samples))
+    def logged(samples, config, device, clock):
+        (calls / f"{time.perf_counter_ns()}").write_text(" ".join(s.item.rel for s in samples))
         return real(samples, config, device, clock)
 
     monkeypatch.setattr(kmgpu.pipeline, "_fit", logged)
+    return lambda: [p.read_text().split() for p in sorted(calls.iterdir(), key=lambda p: int(p.name))]
+
+
+def assert_as_one_at_a_time(monkeypatch, src: Path, out: Path, tmp_path: Path) -> None:
+    """The files and records in ``out`` are those of the images done one at a time (the patches undone)."""
+    monkeypatch.undo()
+    alone = run_cli(src, "--out", tmp_path / "alone", "--k", "8", "--workers", "0", "--batch-size", "1")
+    assert alone.exit_code == 0
+    assert comparable(out) == comparable(tmp_path / "alone")
+    for p in (tmp_path / "alone").glob("*.png"):
+        assert p.read_bytes() == (out / p.name).read_bytes()
+
+
+def test_workers_fit_their_images_in_groups_capped_by_count_and_pixels(tmp_path, monkeypatch):
+    """On the CPU each worker fits its images a group at a time, up to --batch-size of them or until they hold
+    the group's pixel target (a photo over it goes alone, or with what waited before it); the files and
+    records are those of one image at a time."""
+    src = tmp_path / "photos"
+    ten_photos(src)
+    fits = log_fits(monkeypatch, tmp_path / "calls")
     monkeypatch.setattr(kmgpu.pipeline, "_WORKER_GROUP_PIXELS", 4000)
     grouped = run_cli(src, "--out", tmp_path / "g", "--k", "8", "--workers", "1", "--batch-size", "4")
     assert grouped.exit_code == 0, grouped.output
-    groups = [p.read_text().split() for p in sorted(calls.iterdir(), key=lambda p: int(p.name.split("-")[1]))]
     # in walk order; a group ends at 4 images or once it holds 4,000 pixels (the image that crosses included)
-    assert groups == [["s0.png", "s1.png", "s2.png", "s3.png"], ["s4.png", "s4big.png"],
+    assert fits() == [["s0.png", "s1.png", "s2.png", "s3.png"], ["s4.png", "s4big.png"],
                       ["s5.png", "s6.png", "s7.png"], ["s8.png"]]  # fmt: skip
-    monkeypatch.setattr(kmgpu.pipeline, "_fit", real)
-    alone = run_cli(src, "--out", tmp_path / "a", "--k", "8", "--workers", "0", "--batch-size", "1")
-    assert alone.exit_code == 0
-    assert comparable(tmp_path / "g") == comparable(tmp_path / "a")
-    for p in (tmp_path / "a").glob("*.png"):
-        assert p.read_bytes() == (tmp_path / "g" / p.name).read_bytes()
+    assert_as_one_at_a_time(monkeypatch, src, tmp_path / "g", tmp_path)
 
 
 @pytest.mark.parametrize("workers", ["0", "1"], ids=["main-process", "worker"])
@@ -254,36 +274,17 @@ def test_batches_never_pass_batch_pixels(tmp_path, monkeypatch, workers):
     (before: after it, so that two 12 MP photos made a 23 MP batch under a 16 MP cap); an image over the
     cap goes alone. The bytes are those of one image at a time."""
     src = tmp_path / "photos"
-    src.mkdir()
-    sizes = {}
-    for i in range(9):
-        photo((40, 30 + i)).save(src / f"s{i}.png")
-        sizes[f"s{i}.png"] = 40 * (30 + i)  # 1,200 to 1,520 pixels
-    photo((120, 90)).save(src / "s4big.png")  # 10,800 pixels, over the cap: between s4 and s5 in walk order
-    sizes["s4big.png"] = 120 * 90
-    calls = tmp_path / "calls"
-    calls.mkdir()
-    real = kmgpu.pipeline._fit
-
-    def logged(samples, config, device, clock):  # in the command's process, or in the forked worker
-        (calls / f"{time.perf_counter_ns()}").write_text(" ".join(s.item.rel for s in samples))
-        return real(samples, config, device, clock)
-
-    monkeypatch.setattr(kmgpu.pipeline, "_fit", logged)
+    sizes = ten_photos(src)
+    fits = log_fits(monkeypatch, tmp_path / "calls")
     args = ["--k", "8", "--workers", workers, "--batch-size", "4", "--batch-pixels", "4000"]
     assert run_cli(src, "--out", tmp_path / "b", *args).exit_code == 0
-    batches = [p.read_text().split() for p in sorted(calls.iterdir(), key=lambda p: int(p.name))]
+    batches = fits()
     assert batches == [["s0.png", "s1.png", "s2.png"], ["s3.png", "s4.png"], ["s4big.png"],
                        ["s5.png", "s6.png"], ["s7.png", "s8.png"]]  # fmt: skip
     for batch, after in zip(batches, batches[1:]):
         assert len(batch) == 1 or sum(sizes[n] for n in batch) <= 4000
         assert sum(sizes[n] for n in [*batch, after[0]]) > 4000  # each as full as the cap allows
-    monkeypatch.setattr(kmgpu.pipeline, "_fit", real)
-    alone = run_cli(src, "--out", tmp_path / "a", "--k", "8", "--workers", "0", "--batch-size", "1")
-    assert alone.exit_code == 0
-    assert comparable(tmp_path / "b") == comparable(tmp_path / "a")
-    for p in (tmp_path / "a").glob("*.png"):
-        assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes()
+    assert_as_one_at_a_time(monkeypatch, src, tmp_path / "b", tmp_path)
 
 
 def test_a_group_whose_fit_fails_is_fitted_again_image_by_image(tmp_path, monkeypatch):
