@@ -34,7 +34,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .allocator import keep_freed_memory
 from .imageio import ImageReadError, LoadedImage, load_image
 
-__all__ = ["IMAGE_SUFFIXES", "Item", "Sample", "scan", "source_names", "item_key", "DoneSet", "DecodeDataset"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Item",
+    "Sample",
+    "scan",
+    "source_names",
+    "item_key",
+    "DoneSet",
+    "Batcher",
+    "DecodeDataset",
+]
 
 # What `kmgpu run` takes from a folder: the formats of photo folders and image datasets (the
 # Netpbm family of many classic ones among them) that Pillow reads with the codecs it ships.
@@ -322,6 +332,33 @@ class Sample:
     stages: dict = field(default_factory=dict)
 
 
+class Batcher:
+    """Samples gathered, in their order, into batches: at most ``size`` of them, a batch ending once it
+    holds ``target`` pixels and never holding more than ``cap`` (an image that would pass the cap starts
+    the next batch; one over it goes alone). A sample that failed to decode holds no pixels."""
+
+    def __init__(self, size: int, target: int, cap: int | None = None):
+        self.size, self.target, self.cap = size, target, cap
+        self.batch: list[Sample] = []
+        self.pixels = 0
+
+    def add(self, sample: Sample) -> list[list[Sample]]:
+        """Add ``sample``; the batches it completes, in order: none, the one it would pass the cap of,
+        the one it fills, or both."""
+        size = 0 if sample.image is None else sample.image.width * sample.image.height
+        done = [self.take()] if self.batch and self.cap is not None and self.pixels + size > self.cap else []
+        self.batch.append(sample)
+        self.pixels += size
+        if len(self.batch) >= self.size or self.pixels >= self.target:
+            done.append(self.take())
+        return done
+
+    def take(self) -> list[Sample]:
+        """The batch gathered so far (perhaps none), starting the next."""
+        batch, self.batch, self.pixels = self.batch, [], 0
+        return batch
+
+
 class DecodeDataset(IterableDataset):
     """Decodes the items still to do, in walk order, off the main process.
 
@@ -373,8 +410,7 @@ class DecodeDataset(IterableDataset):
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        group: list[Sample] = []
-        pixels = 0
+        groups = Batcher(self.group_size, self.group_pixels, self.group_cap)
         for i, item in enumerate(self.todo()):
             if i % workers != worker:
                 continue
@@ -382,17 +418,11 @@ class DecodeDataset(IterableDataset):
             if self.work is None:
                 yield sample
                 continue
-            size = 0 if sample.image is None else sample.image.width * sample.image.height
-            if group and self.group_cap is not None and pixels + size > self.group_cap:
+            for group in groups.add(sample):
                 yield from self.work(group)
-                group, pixels = [], 0
-            group.append(sample)
-            pixels += size
-            if len(group) >= self.group_size or pixels >= self.group_pixels:
-                yield from self.work(group)
-                group, pixels = [], 0
-        if group:
-            yield from self.work(group)
+        rest = groups.take()
+        if rest:
+            yield from self.work(rest)
 
     def decode(self, item: Item) -> Sample:
         t0 = time.perf_counter()

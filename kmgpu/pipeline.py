@@ -46,6 +46,7 @@ from . import __version__, cpu_kernels
 from .config import RunConfig
 from .data import (
     IMAGE_SUFFIXES,
+    Batcher,
     DecodeDataset,
     DoneSet,
     Item,
@@ -845,15 +846,14 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     pool = ThreadPoolExecutor(max_workers=config.writers, thread_name_prefix="kmgpu-writer")
     stopped = False
     try:
-        batch: list[Sample] = []
-        pixels = 0
+        batches = Batcher(config.batch_size, config.batch_pixels, config.batch_pixels)
         for sample in samples:
             clock.add({"decode": sample.decode_ms / 1e3})
             if sample.encoded is not None or (in_workers and sample.error is not None):
                 # done in a worker: flush what waits before it, to keep the order
-                if batch:
-                    stopped |= _flush(batch, config, device, out, pool, sink, fail_fast, clock)
-                    batch, pixels = [], 0
+                waiting = batches.take()
+                if waiting:
+                    stopped |= _flush(waiting, config, device, out, pool, sink, fail_fast, clock)
                 clock.add(sample.stages)
                 if sample.encoded is not None:
                     sink.add(pool.submit(_write, out, sample.item, *sample.encoded, clock))
@@ -863,23 +863,18 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
                 if stopped:
                     break
                 continue
-            size = 0 if sample.image is None else sample.image.width * sample.image.height
-            if batch and pixels + size > config.batch_pixels:  # the cap is a cap: flush before passing it
+            for batch in batches.add(sample):
                 stopped |= _flush(batch, config, device, out, pool, sink, fail_fast, clock)
-                batch, pixels = [], 0
                 if stopped:
                     break
-            batch.append(sample)
-            pixels += size
-            if sample.image is None and fail_fast:
+            if fail_fast and sample.image is None and not stopped:  # its record (and those before), then stop
+                _flush(batches.take(), config, device, out, pool, sink, fail_fast, clock)
                 stopped = True
-            if stopped or len(batch) >= config.batch_size or pixels >= config.batch_pixels:
-                stopped |= _flush(batch, config, device, out, pool, sink, fail_fast, clock)
-                batch, pixels = [], 0
             if stopped:
                 break
-        if batch and not stopped:
-            _flush(batch, config, device, out, pool, sink, fail_fast, clock)
+        rest = batches.take()
+        if rest and not stopped:
+            _flush(rest, config, device, out, pool, sink, fail_fast, clock)
         sink.drain()
     finally:
         pool.shutdown(wait=True)
