@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .allocator import keep_freed_memory
 from .imageio import ImageReadError, LoadedImage, load_image
+from .records import is_output_folder
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -96,7 +97,7 @@ def _output_names(names: list[str]) -> dict[str, str]:
 
 
 def scan(
-    sources: list[Path], *, prefix_sources: bool = False, on_error: Callable[[str], None] | None = None
+    sources: list[Path], *, prefix_sources: bool = False, on_skip: Callable[[str], None] | None = None
 ) -> Iterator[Item]:
     """Walk the sources in sorted order and yield the image files.
 
@@ -107,13 +108,14 @@ def scan(
     prefix_sources : bool
         Put each source's outputs under its own name (for several sources,
         see :func:`source_names`); otherwise each tree is mirrored at the root.
-    on_error : callable, optional
-        Called with a one-line message for each folder that cannot be read.
+    on_skip : callable, optional
+        Called with a one-line message for each folder not walked: one that
+        cannot be read, or a kmgpu run's output inside a SRC.
     """
     tops = source_names(sources) if prefix_sources else [""] * len(sources)
     for index, (src, top) in enumerate(zip(sources, tops)):
         if src.is_dir():
-            yield from _walk(index, src, top, (index,), on_error)
+            yield from _walk(index, src, top, (index,), on_skip)
         else:
             yield Item(index, src, top or _output_names([src.name])[src.name], (index, src.name))
 
@@ -145,7 +147,7 @@ def source_names(sources: list[Path]) -> list[str]:
 LISTED_IN_MEMORY = 20_000
 
 
-def _walk(index: int, folder: Path, rel: str, order: tuple, on_error) -> Iterator[Item]:
+def _walk(index: int, folder: Path, rel: str, order: tuple, on_skip) -> Iterator[Item]:
     listing: Iterable[tuple[str, bool, str | None]]
     try:
         with os.scandir(folder) as it:
@@ -156,18 +158,23 @@ def _walk(index: int, folder: Path, rel: str, order: tuple, on_error) -> Iterato
                 listing = _DiskListing(itertools.chain(head, it))
             del head
     except OSError as err:
-        if on_error is not None:
-            on_error(f"{folder}: cannot read folder ({err.strerror or err})")
+        if on_skip is not None:
+            on_skip(f"{folder}: cannot read folder ({err.strerror or err})")
         return
     except sqlite3.Error as err:  # the temporary database's disk full, most likely
-        if on_error is not None:
-            on_error(f"{folder}: cannot list folder ({err})")
+        if on_skip is not None:
+            on_skip(f"{folder}: cannot list folder ({err})")
         return
     try:
         for name, is_dir, out in listing:
             child = f"{rel}/{name}" if rel else name
             if is_dir:
-                yield from _walk(index, folder / name, child, order + (name,), on_error)
+                if is_output_folder(folder / name):
+                    if on_skip is not None:
+                        said = "skipped, it holds the output of a kmgpu run (give it as a SRC to quantize it again)"
+                        on_skip(f"{folder / name}: {said}")
+                    continue
+                yield from _walk(index, folder / name, child, order + (name,), on_skip)
             elif out is not None:
                 yield Item(index, folder / name, f"{rel}/{out}" if rel else out, order + (name,))
     finally:

@@ -61,7 +61,7 @@ from .distributed import from_environment, pixel_shard
 from .imageio import atomic_file, os_reason, write_atomic
 from .metrics import bits_per_pixel
 from .quantize import QuantizedImage, quantize_batch
-from .records import MANIFEST, SUMMARY, in_order, read_manifest, sorted_records, summarize
+from .records import MANIFEST, OUTPUT_SETTINGS, SETTINGS, SUMMARY, in_order, read_manifest, sorted_records, summarize
 from .threads import available_cores
 from .timing import StageClock
 
@@ -78,10 +78,6 @@ __all__ = [
     "summarize",
     "read_manifest",
 ]
-
-SETTINGS = "run.json"
-# The settings that shape the output files: a run may only resume one made with the same.
-OUTPUT_SETTINGS = ("k", "seed", "dither", "level", "refine_iter", "starts", "coarse_bits", "max_iter", "tol")
 
 
 class RunError(ValueError):
@@ -779,15 +775,15 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         done = _load_done(out)
     several = len(sources) > 1
 
-    unreadable: list[str] = []
+    folders_skipped: list[str] = []
     listed = skipped = changed = 0
-    for item in scan(sources, prefix_sources=several, on_error=unreadable.append):
+    for item in scan(sources, prefix_sources=several, on_skip=folders_skipped.append):
         listed += 1
         state = done.recheck(item.rel, item.path)  # False: edited or replaced since, so done again
         skipped += state is True
         changed += state is False
     if ctx.is_main:
-        for message in unreadable:
+        for message in folders_skipped:
             note(message)
         if changed:
             note(f"{changed} input(s) changed since they were done: doing them again")
@@ -927,7 +923,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
         write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     summary = ctx.gather(summary)[0]
     failed = summary["images_failed"] > 0 or summary["stopped_early"]
-    return RunResult(summary, 1 if failed else 0, unreadable, is_main=ctx.is_main)
+    return RunResult(summary, 1 if failed else 0, folders_skipped, is_main=ctx.is_main)
 
 
 def _sum_stages(parts) -> dict:

@@ -13,10 +13,35 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST", "SUMMARY", "in_order", "read_manifest", "sorted_records", "summarize"]
+__all__ = [
+    "MANIFEST",
+    "SUMMARY",
+    "SETTINGS",
+    "OUTPUT_SETTINGS",
+    "is_output_folder",
+    "in_order",
+    "read_manifest",
+    "sorted_records",
+    "summarize",
+]
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
+SETTINGS = "run.json"
+# The settings that shape the output files: a run may only resume one made with the same.
+OUTPUT_SETTINGS = ("k", "seed", "dither", "level", "refine_iter", "starts", "coarse_bits", "max_iter", "tol")
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a kmgpu run: its ``run.json`` (written before anything else) holds a run's
+    settings. A ``run.json`` of anything else (an experiment's, say) does not."""
+    try:
+        with open(folder / SETTINGS, "rb") as f:
+            text = f.read(1 << 16)
+        settings = json.loads(text)
+    except (OSError, ValueError):  # none, unreadable, or not JSON (UnicodeDecodeError is a ValueError)
+        return False
+    return isinstance(settings, dict) and set(OUTPUT_SETTINGS) <= settings.keys()
 
 
 def read_manifest(path: Path) -> Iterator[dict]:

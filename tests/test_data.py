@@ -113,7 +113,7 @@ def test_an_unreadable_large_folder_is_reported_and_skipped(tmp_path, monkeypatc
     real = os.scandir
     monkeypatch.setattr(data.os, "scandir", refuse)
     said = []
-    assert [item.rel for item in scan([root], on_error=said.append)] == ["ok.png"]
+    assert [item.rel for item in scan([root], on_skip=said.append)] == ["ok.png"]
     assert said == [f"{root / 'locked'}: cannot read folder (Permission denied)"]
 
 
@@ -163,5 +163,5 @@ def test_a_large_folder_that_cannot_be_listed_on_disk_is_reported(tmp_path, monk
 
     monkeypatch.setattr(data.sqlite3, "connect", lambda *args, **kwargs: Full())
     said = []
-    assert [item.rel for item in scan([root], on_error=said.append)] == ["ok.png"]
+    assert [item.rel for item in scan([root], on_skip=said.append)] == ["ok.png"]
     assert said == [f"{root / 'big'}: cannot list folder (database or disk is full)"]

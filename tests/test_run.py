@@ -977,6 +977,29 @@ def test_foreign_folder_and_start_over(tmp_path):
     assert json.loads((out / SUMMARY).read_text())["images_processed"] == 1
 
 
+def test_an_earlier_runs_output_inside_a_source_is_skipped_and_said(tmp_path):
+    """A photo given alone writes its output beside it, inside the folder a later run is given: that
+    output is not quantized again nor mirrored, and the note says how to do it on purpose. A folder
+    that only happens to hold a run.json is walked as any other."""
+    src = tmp_path / "photos"
+    (src / "experiment").mkdir(parents=True)
+    photo().save(src / "p.png")
+    photo((40, 30)).save(src / "experiment" / "e.png")
+    (src / "experiment" / "run.json").write_text(json.dumps({"k": 3, "lr": 0.1}))
+    assert run_cli(src / "p.png", "--k", "8").exit_code == 0
+    earlier = src / "p_kmgpu"
+    assert (earlier / "p.png").is_file()
+    whole = run_cli(src, "--k", "8")
+    assert whole.exit_code == 0, whole.output
+    assert f"{earlier}: skipped, it holds the output of a kmgpu run" in whole.output
+    out = tmp_path / "photos_kmgpu"
+    assert sorted(r["output"] for r in records(out)) == ["experiment/e.png", "p.png"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["experiment/e.png", "p.png"]
+    assert (out / "p.png").read_bytes() == (earlier / "p.png").read_bytes()
+    again = run_cli(earlier, "--out", tmp_path / "again", "--k", "4")  # given as a SRC: walked
+    assert again.exit_code == 0 and [r["output"] for r in records(tmp_path / "again")] == ["p.png"]
+
+
 def test_broken_links_and_pipes_named_like_images_are_failures_not_silence(tmp_path):
     """A link to a file that is gone and a named pipe called .png each get an error record (reading the pipe
     would wait forever: it is not opened); a link to a folder named like an image is neither (not followed)."""
