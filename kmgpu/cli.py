@@ -486,8 +486,7 @@ def run_command(
 
     Writes OUT/manifest.jsonl (one line per image) and OUT/summary.json; the same command resumes.
 
-    Exit codes: 0 every image done, 1 some failed (listed in the manifest), 2 bad usage, 130 interrupted, 143 stopped
-    by SIGTERM.
+    Exit codes: 0 all done, 1 some failed (in the manifest), 2 bad usage, 130 interrupted, 143 stopped by SIGTERM.
     """
     from .config import ConfigError, load_config
     from .device import DeviceError, check_device
