@@ -154,12 +154,13 @@ def _note(message: str) -> None:
     typer.echo(f"kmgpu: note: {message}", err=True)
 
 
-def _load_kernels() -> None:
+def _load_kernels(dither: str | None = None) -> None:
     """Load the compiled CPU kernels (compiling them first, with a note, where numba has not cached
-    them), so that the first image's milliseconds are its own."""
+    them), so that the first image's milliseconds are its own; with ``dither`` ``"none"``, all but
+    the dithering one."""
     from . import cpu_kernels
 
-    cpu_kernels.compiled(_note)
+    cpu_kernels.compiled(_note, without=("dither",) if dither == "none" else None)
 
 
 def _check(problem: str | None) -> None:
@@ -239,7 +240,7 @@ def compress(
     if output is not None and (out_dir is not None or len(inputs) != 1):
         _fail("-o/--output takes exactly one input and no --out-dir")
     targets = _output_paths(inputs, k, output, out_dir)
-    _load_kernels()
+    _load_kernels(dither)
 
     table = Table([("image", 18, "s"), ("size", 11, "s"), ("bytes in", 12, ",d"), ("bytes out", 11, ",d")])
     table.columns += [("ratio", 7, ".2f"), ("bpp", 6, ".2f"), ("PSNR", 7, ".2f"), ("SSIM", 8, ".4f"), ("ms", 7, ".0f")]
@@ -504,6 +505,9 @@ def run_command(
             # What every rank would refuse alike is said once, here, before any process starts.
             check_device(cfg.device)
             check_sources(sources, out)
+            from . import cpu_kernels
+
+            cpu_kernels.fill_cache(_note, without=("dither",) if cfg.dither == "none" else ())  # once, not per rank
             _relaunch_under_torchrun(nproc)
         _bars_drawn_here()
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -93,27 +93,36 @@ _search_threads = ProcessThreads("kmgpu-search")
 _ready_lock = threading.Lock()
 
 
-_ready = False  # every kernel loaded (or compiled) in this process
+_ready = False  # the kernels loaded (or compiled) in this process, but the groups of _left
+_left: frozenset[str] = frozenset()  # groups a command said it would not run (compiled(without=...))
 _broken: str | None = None  # why numba could not compile the kernels here, once seen
 
 
-def compiled(note: Callable[[str], None] | None = None) -> bool:
+def compiled(note: Callable[[str], None] | None = None, *, without: Collection[str] | None = None) -> bool:
     """Whether the compiled kernels run here: numba is present, ``KMGPU_NUMBA`` is not 0, and they build.
 
     The first call loads every kernel (see :func:`warm_up`, which tells ``note`` when they must
-    be compiled first); if numba cannot
-    compile them on this machine, a warning says so once and the torch and
-    NumPy paths run from then on.
+    be compiled first); if numba cannot compile them on this machine, a warning says so once and
+    the torch and NumPy paths run from then on.
+
+    ``without``: what a command passes before its work, the groups of kernels (of
+    :data:`_WARM_GROUPS`) it will not run, such as ``("dither",)`` where nothing is dithered.
+    Those are left out of the first call's loading, and a later call that does not name one
+    loads it then, so that worker processes forked after it inherit every kernel they run.
     """
-    global _ready, _broken
+    global _ready, _broken, _left
     if _search is None or _broken is not None or os.environ.get("KMGPU_NUMBA", "1") == "0":
         return False
-    if not _ready:
+    keep_out = frozenset(_WARM_GROUPS) & frozenset(without or ())
+    if not _ready or (without is not None and not _left <= keep_out):
         with _ready_lock:
-            if not _ready and _broken is None:
+            if _broken is None and (not _ready or (without is not None and not _left <= keep_out)):
+                first = not _ready  # then keep_out stays out; later, what an earlier call left out loads
+                skip = keep_out if first else frozenset(_WARM_GROUPS) - (_left - keep_out)
+                _left = keep_out if first else _left & keep_out
                 try:
-                    _ready = True  # warm_up runs the kernels, which do not ask again
-                    warm_up(note)
+                    _ready = True  # warm_up runs the kernels, whose wrappers then do not ask again
+                    warm_up(note, without=skip)
                 except Exception as err:  # numba's errors have no common base worth naming
                     _ready, _broken = False, f"{type(err).__name__}: {err}"
                     warnings.warn(
@@ -1260,23 +1269,47 @@ def _warm(groups: list[str]) -> None:
         _WARM_GROUPS[name][0]()
 
 
-def warm_up(note: Callable[[str], None] | None = None) -> None:
+def warm_up(note: Callable[[str], None] | None = None, *, without: Collection[str] = ()) -> None:
     """Load (or, the first time, compile) every kernel now: forked workers then inherit them.
 
     Loading them from numba's disk cache takes about 0.4 s a process. Compiling them, the first
     time kmgpu runs on a machine (or after an upgrade), took 22 s one after another on the 2-core
     VM; where the cache lacks them, they compile side by side in up to one process a core, and
-    ``note`` is told first.
+    ``note`` is told first. The groups ``without`` names are neither loaded nor compiled: the
+    dithering kernel, where nothing is dithered, cost a first run on 2 cores 1.6 s of its 17.7.
+    One that runs after all loads (or compiles) on its first call, which is safe in one process
+    but not in worker processes side by side (see :func:`compiled`).
     """
     if _search is None:
         return
-    missing = [name for name in _WARM_GROUPS if _uncached(name)]
+    groups = [name for name in _WARM_GROUPS if name not in without]
+    missing = [name for name in groups if _uncached(name)]
     if missing:
         if note is not None:
             note("compiling kmgpu's CPU kernels for this machine; numba caches them, so only this run waits for it")
         if len(missing) > 1 and available_cores() > 1:
             _compile_side_by_side(missing)
-    _warm(list(_WARM_GROUPS))
+    _warm(groups)
+
+
+def fill_cache(note: Callable[[str], None] | None = None, *, without: Collection[str] = ()) -> None:
+    """Compile into numba's disk cache the groups of kernels it lacks (but those ``without`` names),
+    as :func:`warm_up` would, and load no others: what ``kmgpu run --nproc N`` does before it
+    starts its ranks, which would otherwise each compile them at once (the first run of the samples
+    with ``--nproc 2``, 2-core VM: 34.9 s, 61.7 s of CPU). Where numba cannot compile them here,
+    nothing is said: each rank then warns and takes the torch path, as one process would."""
+    if _search is None or _broken is not None or os.environ.get("KMGPU_NUMBA", "1") == "0":
+        return
+    missing = [name for name in _WARM_GROUPS if name not in without and _uncached(name)]
+    if not missing:
+        return
+    if note is not None:
+        note("compiling kmgpu's CPU kernels for this machine; numba caches them, so only this run waits for it")
+    with contextlib.suppress(Exception):  # numba's errors have no common base worth naming
+        if len(missing) > 1 and available_cores() > 1:
+            _compile_side_by_side(missing)
+        else:
+            _warm(missing)
 
 
 def _threads(work: int) -> int:

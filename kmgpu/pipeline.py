@@ -801,8 +801,8 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     in_workers = device.type == "cpu" and workers > 0
     # The compiled kernels, loaded once here and not once per worker (on any device: the workers'
     # PNG reader, the PNG writer and the metrics use them), and compiled first where numba has not
-    # cached them yet.
-    cpu_kernels.compiled(note)
+    # cached them yet; the dithering one only where it runs.
+    cpu_kernels.compiled(note, without=("dither",) if config.dither == "none" else ())
     dataset = DecodeDataset(
         sources,
         done,

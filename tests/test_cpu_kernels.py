@@ -263,7 +263,7 @@ def test_compiled_and_generic_fits_agree_in_quality(monkeypatch):
 
 
 def test_a_numba_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
-    def broken(note=None):
+    def broken(note=None, without=()):
         raise RuntimeError("LLVM ERROR: no target")
 
     monkeypatch.setattr(cpu_kernels, "_ready", False)
@@ -319,6 +319,23 @@ def test_a_cold_cache_is_announced_and_only_its_missing_kernels_compiled_apart(m
     monkeypatch.setattr(cpu_kernels, "_uncached", lambda group: group == "png")
     cpu_kernels.warm_up(notes.append)  # one group: compiled here, no child to wait for
     assert calls == [["png", "dither"]] and len(notes) == 2
+
+
+def test_kernels_a_command_will_not_run_load_only_when_a_later_one_will(monkeypatch):
+    """compiled(without=...) leaves those groups out; the kernels' own calls (no ``without``) load
+    nothing more; a later command that runs them loads them then, before it forks its workers."""
+    loaded = []
+    monkeypatch.setattr(cpu_kernels, "_ready", False)
+    monkeypatch.setattr(cpu_kernels, "_left", frozenset())
+    monkeypatch.setattr(cpu_kernels, "_uncached", lambda group: False)
+    monkeypatch.setattr(cpu_kernels, "_warm", loaded.append)
+    everything = list(cpu_kernels._WARM_GROUPS)
+    assert cpu_kernels.compiled(without=("dither", "not a group"))
+    assert loaded == [[group for group in everything if group != "dither"]]
+    assert cpu_kernels.compiled() and cpu_kernels.compiled(without=("dither",)) and len(loaded) == 1
+    assert cpu_kernels.compiled(without=())
+    assert loaded[1:] == [["dither"]]
+    assert cpu_kernels.compiled(without=()) and cpu_kernels.compiled(without=("dither",)) and len(loaded) == 2
 
 
 @settings(max_examples=40, deadline=None)
