@@ -611,6 +611,15 @@ def _print_images(out_dir: Path) -> None:
     typer.echo()
 
 
+def _psnr_line(s: dict) -> str:
+    lossless = s.get("lossless_images") or 0
+    if s["psnr_mean"] is None:  # no image done, or each reproduced exactly (no finite PSNR)
+        return f"every image reproduced exactly ({lossless:,} lossless)" if lossless else "n/a"
+    return (f"mean {s['psnr_mean']:.2f} dB, worst {s['psnr_worst']:.2f} dB"
+            + (f" ({s['psnr_worst_image']})" if s.get("psnr_worst_image") else "")
+            + (f", {lossless:,} lossless" if lossless else ""))  # fmt: skip
+
+
 def _print_summary(s: dict) -> None:
     def num(value, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
@@ -625,9 +634,7 @@ def _print_summary(s: dict) -> None:
            f" ({s['ratio_worst_image']})")] if s.get("images_larger") else []),
         *([("notes", f"{s['images_noted']:,} {'image has a note' if s['images_noted'] == 1 else 'images have notes'}"
            f" in the manifest, the first: {s['first_note']}")] if s.get("images_noted") else []),
-        ("PSNR", f"mean {num(s['psnr_mean'], '.2f')} dB, worst {num(s['psnr_worst'], '.2f')} dB"
-         + (f" ({s['psnr_worst_image']})" if s.get("psnr_worst_image") else "")
-         + (f", {s['lossless_images']} lossless" if s.get("lossless_images") else "")),
+        ("PSNR", _psnr_line(s)),
         ("SSIM", f"mean {num(s['ssim_mean'], '.4f')}, worst {num(s['ssim_worst'], '.4f')}"
          + (f" ({s['ssim_worst_image']})" if s.get("ssim_worst_image") else "")),
         *([("run", "not finished (stopped, or still going): no summary.json yet; the same command resumes"),

@@ -145,6 +145,24 @@ def test_dataset_and_modern_formats_are_walked_and_decode(tmp_path):
         assert np.array_equal(np.asarray(im.convert("L")), np.asarray(base.convert("1").convert("L")))
 
 
+def test_the_psnr_line_says_when_every_image_was_reproduced_exactly(tmp_path):
+    """Images of at most k colors come back exactly: no PSNR to average, which the summary says in words
+    (before: "mean n/a dB, worst n/a dB"); one photo beside them brings the figures back."""
+    src = tmp_path / "flat"
+    src.mkdir()
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(src / "red.png")
+    Image.fromarray(np.asarray(photo((24, 24)).convert("1")).astype(np.uint8) * 255).save(src / "bits.png")
+    exact = run_cli(src, "--k", "4")
+    assert exact.exit_code == 0, exact.output
+    assert "PSNR    every image reproduced exactly (2 lossless)" in exact.output.splitlines()
+    assert [r["psnr"] for r in records(tmp_path / "flat_kmgpu")] == [None, None]
+    photo((40, 30)).save(src / "photo.png")
+    mixed = run_cli(src, "--k", "4")
+    (line,) = [line for line in mixed.output.splitlines() if line.startswith("PSNR")]
+    (psnr,) = [r["psnr"] for r in records(tmp_path / "flat_kmgpu") if r["output"] == "photo.png"]
+    assert line == f"PSNR    mean {psnr:.2f} dB, worst {psnr:.2f} dB ({src / 'photo.png'}), 2 lossless"
+
+
 def test_outputs_larger_than_their_input_are_counted_and_named(tmp_path):
     """A small JPEG's palette PNG can outweigh it: the summary counts such images and names the worst."""
     src = tmp_path / "photos"
