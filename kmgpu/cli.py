@@ -662,6 +662,8 @@ def report(
 
     from .records import MANIFEST, SUMMARY, summarize
 
+    if not out_dir.is_dir():
+        _fail(f"{out_dir}: {'not a folder' if out_dir.exists() else 'no such folder'}")
     path = out_dir / SUMMARY
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
@@ -669,7 +671,9 @@ def report(
         if not (out_dir / MANIFEST).exists():
             _fail(f"{out_dir}: no {SUMMARY} or {MANIFEST} here: not the output folder of a kmgpu run")
         summary = {**summarize(out_dir / MANIFEST), "output": str(out_dir), "unfinished": True}
-    except (OSError, json.JSONDecodeError) as err:
+    except OSError as err:
+        _fail(f"{path}: cannot be read ({err.strerror or err})")
+    except json.JSONDecodeError as err:
         _fail(f"{path}: cannot be read ({err})")
     if images:
         _print_images(out_dir)

@@ -535,6 +535,23 @@ def test_help_and_report_answer_without_loading_torch(tmp_path):
     assert done.stdout.splitlines() == ["0 0 True True", "[]"]
 
 
+def test_report_of_what_is_not_a_run_is_one_line_with_exit_code_2(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.png").write_bytes(b"x")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "summary.json").write_text('{"images_done": 3')
+    cases = {
+        "missing": "no such folder",
+        "file.png": "not a folder",
+        "folder": "no summary.json or manifest.jsonl here: not the output folder of a kmgpu run",
+        "torn": "cannot be read (Expecting ',' delimiter: line 1 column 18 (char 17))",
+    }
+    for name, reason in cases.items():
+        result = runner.invoke(app, ["report", str(tmp_path / name)])
+        said = f"{tmp_path / name / 'summary.json'}" if name == "torn" else f"{tmp_path / name}"
+        assert result.exit_code == 2 and result.output.splitlines() == [f"kmgpu: error: {said}: {reason}"], name
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("inside_a_kernel", [False, True])
 def test_ctrl_c_or_sigterm_ends_any_command_with_one_line(tmp_path, sig, inside_a_kernel):
