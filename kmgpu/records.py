@@ -34,9 +34,13 @@ OUTPUT_SETTINGS = ("k", "seed", "dither", "level", "refine_iter", "starts", "coa
 
 def is_output_folder(folder: Path) -> bool:
     """Whether ``folder`` holds a kmgpu run: its ``run.json`` (written before anything else) holds a run's
-    settings. A ``run.json`` of anything else (an experiment's, say) does not."""
+    settings. A ``run.json`` of anything else (an experiment's, say) does not, nor one that is not a
+    regular file (a pipe would block the walk)."""
+    path = folder / SETTINGS
     try:
-        with open(folder / SETTINGS, "rb") as f:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
             text = f.read(1 << 16)
         settings = json.loads(text)
     except (OSError, ValueError):  # none, unreadable, or not JSON (UnicodeDecodeError is a ValueError)

@@ -1004,6 +1004,9 @@ def test_an_earlier_runs_output_inside_a_source_is_skipped_and_said(tmp_path):
     photo().save(src / "p.png")
     photo((40, 30)).save(src / "experiment" / "e.png")
     (src / "experiment" / "run.json").write_text(json.dumps({"k": 3, "lr": 0.1}))
+    (src / "piped").mkdir()
+    photo((20, 30)).save(src / "piped" / "q.png")
+    os.mkfifo(src / "piped" / "run.json")  # not a run's either, and not to be opened (it would block)
     assert run_cli(src / "p.png", "--k", "8").exit_code == 0
     earlier = src / "p_kmgpu"
     assert (earlier / "p.png").is_file()
@@ -1011,8 +1014,9 @@ def test_an_earlier_runs_output_inside_a_source_is_skipped_and_said(tmp_path):
     assert whole.exit_code == 0, whole.output
     assert f"{earlier}: skipped, it holds the output of a kmgpu run" in whole.output
     out = tmp_path / "photos_kmgpu"
-    assert sorted(r["output"] for r in records(out)) == ["experiment/e.png", "p.png"]
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["experiment/e.png", "p.png"]
+    outputs = ["experiment/e.png", "p.png", "piped/q.png"]
+    assert sorted(r["output"] for r in records(out)) == outputs
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == outputs
     assert (out / "p.png").read_bytes() == (earlier / "p.png").read_bytes()
     again = run_cli(earlier, "--out", tmp_path / "again", "--k", "4")  # given as a SRC: walked
     assert again.exit_code == 0 and [r["output"] for r in records(tmp_path / "again")] == ["p.png"]
