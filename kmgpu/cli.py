@@ -160,7 +160,7 @@ def _load_kernels(dither: str | None = None) -> None:
     the dithering one."""
     from . import cpu_kernels
 
-    cpu_kernels.compiled(_note, without=("dither",) if dither == "none" else None)
+    cpu_kernels.compiled(_note, without=None if dither is None else cpu_kernels.unused_groups(dither))
 
 
 def _check(problem: str | None) -> None:
@@ -507,7 +507,7 @@ def run_command(
             check_sources(sources, out)
             from . import cpu_kernels
 
-            cpu_kernels.fill_cache(_note, without=("dither",) if cfg.dither == "none" else ())  # once, not per rank
+            cpu_kernels.fill_cache(_note, without=cpu_kernels.unused_groups(cfg.dither))  # once, not per rank
             _relaunch_under_torchrun(nproc)
         _bars_drawn_here()
         result = run(sources, out, cfg, resume=resume, overwrite=overwrite, fail_fast=fail_fast, progress=progress)

@@ -70,7 +70,10 @@ __all__ = [
     "unfilter",
     "dither",
     "run_threads",
+    "compiled",
+    "unused_groups",
     "warm_up",
+    "fill_cache",
 ]
 
 try:  # pragma: no cover - exercised where numba is missing
@@ -98,6 +101,17 @@ _left: frozenset[str] = frozenset()  # groups a command said it would not run (c
 _broken: str | None = None  # why numba could not compile the kernels here, once seen
 
 
+def _off() -> bool:
+    """Whether the compiled kernels are off here: no numba, ``KMGPU_NUMBA=0``, or numba failed to build them."""
+    return _search is None or _broken is not None or os.environ.get("KMGPU_NUMBA", "1") == "0"
+
+
+def unused_groups(dither: str) -> tuple[str, ...]:
+    """The groups of kernels (of :data:`_WARM_GROUPS`) a command with this ``--dither`` never runs, for
+    :func:`compiled` and :func:`fill_cache`: the dithering one where nothing is dithered."""
+    return ("dither",) if dither == "none" else ()
+
+
 def compiled(note: Callable[[str], None] | None = None, *, without: Collection[str] | None = None) -> bool:
     """Whether the compiled kernels run here: numba is present, ``KMGPU_NUMBA`` is not 0, and they build.
 
@@ -111,7 +125,7 @@ def compiled(note: Callable[[str], None] | None = None, *, without: Collection[s
     loads it then, so that worker processes forked after it inherit every kernel they run.
     """
     global _ready, _broken, _left
-    if _search is None or _broken is not None or os.environ.get("KMGPU_NUMBA", "1") == "0":
+    if _off():
         return False
     keep_out = frozenset(_WARM_GROUPS) & frozenset(without or ())
     if not _ready or (without is not None and not _left <= keep_out):
@@ -1283,13 +1297,21 @@ def warm_up(note: Callable[[str], None] | None = None, *, without: Collection[st
     if _search is None:
         return
     groups = [name for name in _WARM_GROUPS if name not in without]
-    missing = [name for name in groups if _uncached(name)]
-    if missing:
-        if note is not None:
-            note("compiling kmgpu's CPU kernels for this machine; numba caches them, so only this run waits for it")
-        if len(missing) > 1 and available_cores() > 1:
-            _compile_side_by_side(missing)
+    _compile_missing(groups, note)  # but one alone, which compiles as it loads here
     _warm(groups)
+
+
+def _compile_missing(groups: list[str], note: Callable[[str], None] | None) -> list[str]:
+    """Compile into numba's disk cache those of ``groups`` it lacks, telling ``note`` first: several side by
+    side (:func:`_compile_side_by_side`). Returns those left to compile, none or one alone (or all of them
+    on one core), which :func:`_warm` compiles in this process."""
+    missing = [name for name in groups if _uncached(name)]
+    if missing and note is not None:
+        note("compiling kmgpu's CPU kernels for this machine; numba caches them, so only this run waits for it")
+    if len(missing) > 1 and available_cores() > 1:
+        _compile_side_by_side(missing)
+        return []
+    return missing
 
 
 def fill_cache(note: Callable[[str], None] | None = None, *, without: Collection[str] = ()) -> None:
@@ -1298,18 +1320,12 @@ def fill_cache(note: Callable[[str], None] | None = None, *, without: Collection
     starts its ranks, which would otherwise each compile them at once (the first run of the samples
     with ``--nproc 2``, 2-core VM: 34.9 s, 61.7 s of CPU). Where numba cannot compile them here,
     nothing is said: each rank then warns and takes the torch path, as one process would."""
-    if _search is None or _broken is not None or os.environ.get("KMGPU_NUMBA", "1") == "0":
+    if _off():
         return
-    missing = [name for name in _WARM_GROUPS if name not in without and _uncached(name)]
-    if not missing:
-        return
-    if note is not None:
-        note("compiling kmgpu's CPU kernels for this machine; numba caches them, so only this run waits for it")
     with contextlib.suppress(Exception):  # numba's errors have no common base worth naming
-        if len(missing) > 1 and available_cores() > 1:
-            _compile_side_by_side(missing)
-        else:
-            _warm(missing)
+        left = _compile_missing([name for name in _WARM_GROUPS if name not in without], note)
+        if left:
+            _warm(left)
 
 
 def _threads(work: int) -> int:

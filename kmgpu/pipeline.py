@@ -802,7 +802,7 @@ def _run(sources, out, config, ctx, device, resume, overwrite, fail_fast, progre
     # The compiled kernels, loaded once here and not once per worker (on any device: the workers'
     # PNG reader, the PNG writer and the metrics use them), and compiled first where numba has not
     # cached them yet; the dithering one only where it runs.
-    cpu_kernels.compiled(note, without=("dither",) if config.dither == "none" else ())
+    cpu_kernels.compiled(note, without=cpu_kernels.unused_groups(config.dither))
     dataset = DecodeDataset(
         sources,
         done,
